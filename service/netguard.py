@@ -20,7 +20,6 @@ from collections.abc import Callable, Collection, Iterator, Mapping
 from urllib.parse import urlsplit
 
 import grpc
-
 from longscribe.service.errors import JobError
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address

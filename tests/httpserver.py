@@ -79,11 +79,12 @@ class LocalServer:
             self._chunk = chunk if bytes_per_second else 16 * 1024
 
     def hits(self, path: str | None = None, status: int | None = None) -> int:
+        wanted = None if path is None else _norm(path)
         with self._lock:
             return sum(
                 1
                 for h in self.log
-                if (path is None or h.path == _norm(path)) and (status is None or h.status == status)
+                if (wanted is None or h.path == wanted) and (status is None or h.status == status)
             )
 
     # -- used by the handler -------------------------------------------------------------------

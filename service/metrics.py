@@ -1,0 +1,168 @@
+"""Prometheus metrics for the server, on a registry of our own (not prometheus_client's global
+one, so tests can run several servers in one process).
+
+API (module-level calls go to the process-wide `default()` instance; a `Metrics` object has the
+same methods for code that wants its own registry):
+
+- `set_jobs_by_state({"JOB_STATE_QUEUED": 2, ...})`   gauge longscribe_jobs{state}
+- `add_audio_bytes(n, source="upload")`               counter longscribe_audio_bytes_received_total
+- `observe_chunk_processing(seconds)`                 histogram longscribe_chunk_processing_seconds
+- `set_realtime_factor(x)`                            gauge longscribe_realtime_factor
+- `QueueMetricsObserver(metrics=None)`: pass as `AudioChunkQueue(observer=...)`; feeds
+  longscribe_queue_depth{queue}, longscribe_queue_bytes{queue},
+  longscribe_chunk_wait_seconds{queue} (histogram), longscribe_chunks_dropped_total{queue,reason}
+- collected at scrape time: longscribe_process_resident_memory_bytes (psutil) and, when torch is
+  loaded with CUDA, longscribe_gpu_memory_{allocated,reserved}_bytes{device}
+- `start_metrics_server(port, addr="127.0.0.1", metrics=None) -> (server, actual_port)`:
+  /metrics over HTTP in a daemon thread (port 0 picks a free one); stop it with
+  `stop_metrics_server(server)`.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator, Mapping
+from wsgiref.simple_server import WSGIServer
+
+import psutil
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client.core import GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+_WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
+_PROCESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+
+
+class _GpuCollector(Collector):
+    """GPU memory per device, read at scrape time; silent unless torch is already imported
+    (metrics must not pull torch into processes that do not use it) and CUDA is up."""
+
+    def collect(self) -> Iterator[GaugeMetricFamily]:
+        torch = sys.modules.get("torch")
+        if torch is None or not torch.cuda.is_available() or not torch.cuda.is_initialized():
+            return
+        allocated = GaugeMetricFamily(
+            "longscribe_gpu_memory_allocated_bytes", "GPU memory held by tensors",
+            labels=["device"])
+        reserved = GaugeMetricFamily(
+            "longscribe_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator",
+            labels=["device"])
+        for i in range(torch.cuda.device_count()):
+            allocated.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
+            reserved.add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
+        yield allocated
+        yield reserved
+
+
+class Metrics:
+    """Every series of the server on one CollectorRegistry (`.registry`)."""
+
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.jobs = Gauge("longscribe_jobs", "Jobs by state", ["state"], registry=r)
+        self.queue_depth = Gauge(
+            "longscribe_queue_depth", "Items waiting in a chunk queue", ["queue"], registry=r)
+        self.queue_bytes = Gauge(
+            "longscribe_queue_bytes", "Bytes waiting in a chunk queue", ["queue"], registry=r)
+        self.chunk_wait = Histogram(
+            "longscribe_chunk_wait_seconds", "Time a chunk waited in a queue", ["queue"],
+            buckets=_WAIT_BUCKETS, registry=r)
+        self.chunk_processing = Histogram(
+            "longscribe_chunk_processing_seconds", "Time to transcribe one chunk or batch",
+            buckets=_PROCESS_BUCKETS, registry=r)
+        self.chunks_dropped = Counter(
+            "longscribe_chunks_dropped", "Chunks dropped by a queue", ["queue", "reason"],
+            registry=r)
+        self.audio_bytes = Counter(
+            "longscribe_audio_bytes_received", "Media bytes received (uploads, downloads)",
+            ["source"], registry=r)
+        self.realtime_factor = Gauge(
+            "longscribe_realtime_factor", "Audio seconds transcribed per wall second (latest)",
+            registry=r)
+        self.rss = Gauge(
+            "longscribe_process_resident_memory_bytes", "Resident memory of the server process",
+            registry=r)
+        process = psutil.Process()
+        self.rss.set_function(lambda: float(process.memory_info().rss))
+        r.register(_GpuCollector())
+
+    def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
+        for state, count in counts.items():
+            self.jobs.labels(state=state).set(count)
+
+    def add_audio_bytes(self, n: int, source: str = "upload") -> None:
+        if n > 0:
+            self.audio_bytes.labels(source=source).inc(n)
+
+    def observe_chunk_processing(self, seconds: float) -> None:
+        self.chunk_processing.observe(seconds)
+
+    def set_realtime_factor(self, value: float) -> None:
+        self.realtime_factor.set(value)
+
+
+class QueueMetricsObserver:
+    """`AudioChunkQueue` observer that publishes depth, bytes, waits and drops."""
+
+    def __init__(self, metrics: Metrics | None = None) -> None:
+        self.metrics = metrics or default()
+
+    def on_put(self, queue: str, depth: int, nbytes: int) -> None:
+        self._set(queue, depth, nbytes)
+
+    def on_get(self, queue: str, depth: int, nbytes: int, wait_seconds: float) -> None:
+        self._set(queue, depth, nbytes)
+        self.metrics.chunk_wait.labels(queue=queue).observe(wait_seconds)
+
+    def on_drop(self, queue: str, depth: int, nbytes: int, reason: str, count: int) -> None:
+        self._set(queue, depth, nbytes)
+        self.metrics.chunks_dropped.labels(queue=queue, reason=reason).inc(count)
+
+    def _set(self, queue: str, depth: int, nbytes: int) -> None:
+        self.metrics.queue_depth.labels(queue=queue).set(depth)
+        self.metrics.queue_bytes.labels(queue=queue).set(nbytes)
+
+
+_default: Metrics | None = None
+_default_lock = threading.Lock()
+
+
+def default() -> Metrics:
+    """The process-wide instance the module-level functions use."""
+    global _default
+    with _default_lock:
+        if _default is None:
+            _default = Metrics()
+        return _default
+
+
+def set_jobs_by_state(counts: Mapping[str, int]) -> None:
+    default().set_jobs_by_state(counts)
+
+
+def add_audio_bytes(n: int, source: str = "upload") -> None:
+    default().add_audio_bytes(n, source)
+
+
+def observe_chunk_processing(seconds: float) -> None:
+    default().observe_chunk_processing(seconds)
+
+
+def set_realtime_factor(value: float) -> None:
+    default().set_realtime_factor(value)
+
+
+def start_metrics_server(
+    port: int, addr: str = "127.0.0.1", metrics: Metrics | None = None
+) -> tuple[WSGIServer, int]:
+    """Serve `metrics` (default: the process-wide one) at http://addr:port/metrics."""
+    registry = (metrics or default()).registry
+    server, _thread = start_http_server(port, addr=addr, registry=registry)
+    return server, int(server.server_port)
+
+
+def stop_metrics_server(server: WSGIServer) -> None:
+    server.shutdown()
+    server.server_close()

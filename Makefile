@@ -26,7 +26,7 @@ $(STAMP): pyproject.toml
 install: deps $(STAMP)
 
 demo: install
-	$(PY) -m longscribe.demo $(DEMO_SOURCE)
+	$(PY) -m longscribe.service.demo $(DEMO_SOURCE)
 
 serve: install
 	$(VENV)/bin/longscribe serve --host $(HOST) --port $(PORT)

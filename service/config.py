@@ -78,7 +78,8 @@ class Config:
         default="", metadata={"help": "PEM CA bundle: require and verify client certificates"}
     )
     vad: str = field(
-        default="silero", metadata={"help": "speech detection for cutting windows: silero or energy"}
+        default="silero",
+        metadata={"help": "speech detection for cutting windows: silero or energy"},
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
 

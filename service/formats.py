@@ -1,0 +1,48 @@
+"""Transcript renderings (txt, srt, vtt, json) made with openai-whisper's own writers, so our
+subtitles match what `whisper --output_format` produces."""
+
+from __future__ import annotations
+
+import io
+import json
+from collections.abc import Sequence
+from typing import Any
+
+from longscribe.v1 import transcription_pb2 as pb
+from whisper.utils import WriteJSON, WriteSRT, WriteTXT, WriteVTT
+
+_WRITERS = {"txt": WriteTXT, "srt": WriteSRT, "vtt": WriteVTT, "json": WriteJSON}
+
+
+def segment_dicts(segments: Sequence[pb.Segment]) -> list[dict[str, Any]]:
+    """The segment dicts whisper's writers (and `transcribe()` users) expect."""
+    return [
+        {
+            "id": s.id,
+            "start": round(s.start, 3),
+            "end": round(s.end, 3),
+            "text": s.text,
+            "avg_logprob": s.avg_logprob,
+            "no_speech_prob": s.no_speech_prob,
+            "compression_ratio": s.compression_ratio,
+            "temperature": s.temperature,
+        }
+        for s in segments
+    ]
+
+
+def render(fmt: str, text: str, segments: Sequence[pb.Segment], language: str) -> str:
+    if fmt not in _WRITERS:
+        raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(_WRITERS)}")
+    result = {"text": text, "segments": segment_dicts(segments), "language": language}
+    buffer = io.StringIO()
+    # The writers only use output_dir in __call__; write_result takes the file directly.
+    _WRITERS[fmt](output_dir=".").write_result(result, file=buffer)
+    if fmt == "json":
+        # WriteJSON writes compact JSON; reformat readably (same content).
+        return json.dumps(json.loads(buffer.getvalue()), ensure_ascii=False, indent=2) + "\n"
+    return buffer.getvalue()
+
+
+def all_formats(text: str, segments: Sequence[pb.Segment], language: str) -> pb.Formats:
+    return pb.Formats(**{fmt: render(fmt, text, segments, language) for fmt in _WRITERS})

@@ -1,0 +1,470 @@
+"""The job manager: job state, the worker pool, and the event fan-out to watchers.
+
+A job runs on one worker thread: fetch → decode → segment → engine → results. Every state
+change, progress step and segment becomes an event appended to the job's durable log (SQLite)
+and pushed to each watcher's own thread-safe queue.Queue; the gRPC handlers only read from those
+queues. Finished windows are stored as they finish, so a restarted server resumes a job at the
+first unfinished window."""
+
+from __future__ import annotations
+
+import logging
+import queue
+import shutil
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
+from longscribe.service import metrics
+from longscribe.service.errors import Cancelled, JobError, exhausted, invalid
+from longscribe.service.pipeline import JobContext, run_pipeline
+from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore
+from longscribe.v1 import transcription_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Progress events are rate-limited per job so a long job's log stays small.
+PROGRESS_INTERVAL_S = 0.25
+_WATCH_POLL_S = 0.5
+_SHUTDOWN = object()
+
+
+@dataclass
+class _Job:
+    row: JobRow
+    cancel: threading.Event = field(default_factory=threading.Event)
+    cancel_reason: str = ""
+    subscribers: list[queue.Queue[Any]] = field(default_factory=list)
+    last_progress_at: float = 0.0
+    max_percent: float = 0.0
+
+
+@dataclass(frozen=True)
+class Source:
+    kind: str  # "url" | "path" | "upload"
+    value: str  # URL, path under the media root, or upload file name
+    media_path: str = ""  # known already for path and upload sources
+
+
+def _now_ts(seconds: float | None = None) -> Timestamp:
+    ts = Timestamp()
+    ts.FromNanoseconds(int((time.time() if seconds is None else seconds) * 1e9))
+    return ts
+
+
+def _error_pb(code: grpc.StatusCode, message: str) -> pb.Error:
+    return pb.Error(code=code.value[0], code_name=code.name, message=message)
+
+
+class JobManager:
+    def __init__(self, config: Any, store: JobStore, runner: Callable[[JobContext], pb.Result]
+                 = run_pipeline) -> None:
+        self.config = config
+        self.store = store
+        self._runner = runner
+        self._lock = threading.RLock()
+        self._jobs: dict[str, _Job] = {}
+        self._by_request: dict[str, str] = {}
+        self._pending: queue.Queue[str | None] = queue.Queue()
+        self._workers: list[threading.Thread] = []
+        self._closing = False
+        self._engine: Any = None
+        self.jobs_dir = Path(config.data_dir) / "jobs"
+        self.tmp_dir = Path(config.data_dir) / "tmp"
+        self.jobs_dir.mkdir(parents=True, exist_ok=True)
+        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        for row in store.load_jobs():
+            if row.state in TERMINAL_STATES:
+                row.result = None  # loaded on demand: results can be large
+            self._jobs[row.job_id] = _Job(row=row, max_percent=self._percent_of(row))
+            if row.request_id:
+                self._by_request[row.request_id] = row.job_id
+        self._remove_leftovers()
+        self._janitor = threading.Thread(target=self._janitor_loop, name="janitor", daemon=True)
+        self._janitor_stop = threading.Event()
+        self._publish_state_counts()
+
+    @staticmethod
+    def _percent_of(row: JobRow) -> float:
+        return row.progress.percent if row.progress else 0.0
+
+    # --- lifecycle --------------------------------------------------------------------------
+
+    def start(self, engine: Any) -> None:
+        """Start workers once the engine (and so the model) is ready; resume unfinished jobs."""
+        self._engine = engine
+        with self._lock:
+            unfinished = sorted(
+                (j for j in self._jobs.values() if j.row.state not in TERMINAL_STATES),
+                key=lambda j: j.row.seq,
+            )
+        for job in unfinished:
+            log.info("resuming job %s (was %s)", job.row.job_id, pb.JobState.Name(job.row.state))
+            self._pending.put(job.row.job_id)
+        for i in range(max(1, self.config.workers)):
+            thread = threading.Thread(target=self._worker_loop, name=f"job-worker-{i}",
+                                      daemon=True)
+            thread.start()
+            self._workers.append(thread)
+        self._janitor.start()
+
+    def shutdown(self, timeout: float = 10.0) -> None:
+        """Stop taking work; running jobs stop at once and stay resumable (not CANCELLED)."""
+        with self._lock:
+            self._closing = True
+            for job in self._jobs.values():
+                if job.row.state not in TERMINAL_STATES:
+                    job.cancel_reason = "shutdown"
+                    job.cancel.set()
+                for q in job.subscribers:
+                    q.put(_SHUTDOWN)
+        for _ in self._workers:
+            self._pending.put(None)
+        deadline = time.monotonic() + timeout
+        for thread in self._workers:
+            thread.join(max(0.0, deadline - time.monotonic()))
+        self._janitor_stop.set()
+
+    @property
+    def closing(self) -> bool:
+        return self._closing
+
+    # --- requests ---------------------------------------------------------------------------
+
+    def new_job_id(self) -> str:
+        return uuid.uuid4().hex
+
+    def job_dir(self, job_id: str) -> Path:
+        return self.jobs_dir / job_id
+
+    def existing_for_request(self, request_id: str) -> pb.Job | None:
+        with self._lock:
+            job_id = self._by_request.get(request_id) if request_id else None
+            return self._to_pb(self._jobs[job_id]) if job_id else None
+
+    def check_admission(self, client: str) -> None:
+        """Refuse new work over the configured queue limits (RESOURCE_EXHAUSTED)."""
+        if self._closing:
+            raise JobError(grpc.StatusCode.UNAVAILABLE, "the server is shutting down; retry later")
+        with self._lock:
+            open_jobs = [j for j in self._jobs.values() if j.row.state not in TERMINAL_STATES]
+        if len(open_jobs) >= self.config.max_queued_jobs:
+            raise exhausted(
+                f"too many unfinished jobs on this server ({len(open_jobs)}; limit "
+                f"max_queued_jobs={self.config.max_queued_jobs}); retry when some finish"
+            )
+        mine = sum(1 for j in open_jobs if j.row.client == client)
+        if mine >= self.config.max_queued_jobs_per_client:
+            raise exhausted(
+                f"you have {mine} unfinished jobs (limit max_queued_jobs_per_client="
+                f"{self.config.max_queued_jobs_per_client}); wait for some to finish"
+            )
+
+    def submit(self, source: Source, options: pb.TranscriptionOptions, *, request_id: str = "",
+               client: str = "", job_id: str | None = None) -> pb.Job:
+        with self._lock:
+            if request_id and request_id in self._by_request:
+                return self._to_pb(self._jobs[self._by_request[request_id]])
+            self.check_admission(client)
+            now = time.time()
+            row = JobRow(
+                job_id=job_id or self.new_job_id(),
+                seq=self.store.next_seq(),
+                request_id=request_id or None,
+                client=client,
+                source_kind=source.kind,
+                source=source.value,
+                media_path=source.media_path,
+                options=options,
+                state=pb.JOB_STATE_QUEUED,
+                created=now,
+                updated=now,
+            )
+            self.store.insert_job(row)
+            job = _Job(row=row)
+            self._jobs[row.job_id] = job
+            if request_id:
+                self._by_request[request_id] = row.job_id
+            self._emit_progress(job, pb.JOB_STATE_QUEUED, force=True, message="queued")
+            self._publish_state_counts()
+        self._pending.put(row.job_id)
+        log.info("job %s queued: %s %s", row.job_id, source.kind, source.value)
+        return self._to_pb(job)
+
+    def get(self, job_id: str, include_result: bool = False) -> pb.Job:
+        job = self._find(job_id)
+        message = self._to_pb(job)
+        if include_result and job.row.state == pb.JOB_STATE_SUCCEEDED:
+            rows = [r for r in self.store.load_jobs([pb.JOB_STATE_SUCCEEDED])
+                    if r.job_id == job_id]
+            if rows and rows[0].result is not None:
+                message.result.CopyFrom(rows[0].result)
+        return message
+
+    def list(self, states: Iterable[int], page_size: int, page_token: str
+             ) -> tuple[list[pb.Job], str]:
+        wanted = set(states)
+        if page_size < 0:
+            raise invalid("page_size must not be negative")
+        size = min(page_size or 50, 500)
+        try:
+            before = int(page_token) if page_token else None
+        except ValueError:
+            raise invalid(f"page_token {page_token!r} is not one this server issued") from None
+        with self._lock:
+            jobs = sorted(self._jobs.values(), key=lambda j: j.row.seq, reverse=True)
+            selected = [j for j in jobs
+                        if (not wanted or j.row.state in wanted)
+                        and (before is None or j.row.seq < before)]
+            page = selected[:size]
+            token = str(page[-1].row.seq) if len(selected) > size else ""
+            return [self._to_pb(j) for j in page], token
+
+    def cancel(self, job_id: str) -> pb.Job:
+        job = self._find(job_id)
+        with self._lock:
+            if job.row.state in TERMINAL_STATES:
+                return self._to_pb(job)
+            job.cancel_reason = "user"
+            job.cancel.set()
+            if job.row.state == pb.JOB_STATE_QUEUED:
+                # Not started: nothing to stop, so it ends now. A worker that picks it up skips it.
+                self._finish(job, pb.JOB_STATE_CANCELLED, Cancelled("cancelled before it started"))
+        return self._to_pb(job)
+
+    def watch(self, job_id: str, from_index: int, is_active: Callable[[], bool]
+              ) -> Iterator[pb.JobEvent]:
+        """Events from `from_index` until the job ends: replayed from the log, then live."""
+        if from_index < 0:
+            raise invalid("from_index must be 0 or more")
+        job = self._find(job_id)
+        live: queue.Queue[Any] = queue.Queue()
+        with self._lock:
+            count = job.row.event_count
+            finished = job.row.state in TERMINAL_STATES
+            if not finished:
+                job.subscribers.append(live)
+        try:
+            yield from self.store.read_events(job_id, from_index, count)
+            if finished:
+                return
+            while True:
+                try:
+                    event = live.get(timeout=_WATCH_POLL_S)
+                except queue.Empty:
+                    if not is_active():
+                        return
+                    continue
+                if event is _SHUTDOWN:
+                    raise JobError(
+                        grpc.StatusCode.UNAVAILABLE,
+                        "the server is shutting down; the job will resume when it restarts: "
+                        f"call WatchJob again with from_index={job.row.event_count}",
+                    )
+                if event.index < from_index:
+                    continue
+                yield event
+                if event.HasField("result") or event.HasField("error"):
+                    return
+        finally:
+            with self._lock:
+                if live in job.subscribers:
+                    job.subscribers.remove(live)
+
+    # --- the worker -------------------------------------------------------------------------
+
+    def _worker_loop(self) -> None:
+        while True:
+            job_id = self._pending.get()
+            if job_id is None or self._closing:
+                return
+            job = self._jobs.get(job_id)
+            if job is None or job.row.state in TERMINAL_STATES:
+                continue
+            self._run(job)
+
+    def _run(self, job: _Job) -> None:
+        job_id = job.row.job_id
+        started = time.monotonic()
+        ctx = JobContext(
+            row=job.row,
+            config=self.config,
+            engine=self._engine,
+            store=self.store,
+            job_dir=self.job_dir(job_id),
+            tmp_dir=self.tmp_dir / job_id,
+            cancel=job.cancel,
+            set_phase=lambda phase, **kw: self._emit_progress(job, phase, force=True, **kw),
+            progress=lambda phase, **kw: self._emit_progress(job, phase, **kw),
+            segment=lambda seg: self._emit(job, segment=seg),
+            update=lambda **fields: self._update(job, **fields),
+        )
+        try:
+            result = self._runner(ctx)
+        except Cancelled as exc:
+            if job.cancel_reason == "shutdown":
+                log.info("job %s stopped by shutdown; it resumes on restart", job_id)
+                return
+            self._finish(job, pb.JOB_STATE_CANCELLED, exc)
+        except JobError as exc:
+            log.info("job %s failed: %s %s", job_id, exc.code.name, exc.message)
+            self._finish(job, pb.JOB_STATE_FAILED, exc)
+        except Exception as exc:  # noqa: BLE001 - a bug must fail the job, not kill the worker
+            log.exception("job %s failed with an internal error", job_id)
+            self._finish(job, pb.JOB_STATE_FAILED,
+                         JobError(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}"))
+        else:
+            self._finish(job, pb.JOB_STATE_SUCCEEDED, None, result)
+            log.info("job %s succeeded in %.1f s", job_id, time.monotonic() - started)
+        finally:
+            shutil.rmtree(self.tmp_dir / job_id, ignore_errors=True)
+
+    # --- events -----------------------------------------------------------------------------
+
+    def _emit(self, job: _Job, **payload: Any) -> pb.JobEvent:
+        with self._lock:
+            event = pb.JobEvent(index=job.row.event_count, job_id=job.row.job_id,
+                                time=_now_ts(), state=job.row.state, **payload)
+            self.store.append_event(event)
+            job.row.event_count += 1
+            for q in job.subscribers:
+                q.put(event)
+            return event
+
+    def _emit_progress(self, job: _Job, phase: int, *, force: bool = False,
+                       **fields: Any) -> None:
+        with self._lock:
+            if job.row.state in TERMINAL_STATES:
+                return
+            now = time.monotonic()
+            changed = phase != job.row.state
+            if not (force or changed) and now - job.last_progress_at < PROGRESS_INTERVAL_S:
+                return
+            job.last_progress_at = now
+            # Percent never goes down within a job, whatever a phase reports.
+            percent = max(job.max_percent, min(100.0, float(fields.pop("percent", 0.0))))
+            job.max_percent = percent
+            progress = pb.Progress(phase=phase, percent=percent, **fields)
+            if changed:
+                job.row.state = phase
+                self._publish_state_counts()
+            job.row.progress = progress
+            job.row.updated = time.time()
+            self.store.update_job(job.row.job_id, state=phase, progress=progress,
+                                  updated=job.row.updated)
+            self._emit(job, progress=progress)
+
+    def _update(self, job: _Job, **fields: Any) -> None:
+        with self._lock:
+            for name, value in fields.items():
+                setattr(job.row, name, value)
+            self.store.update_job(job.row.job_id, **fields)
+
+    def _finish(self, job: _Job, state: int, error: JobError | None,
+                result: pb.Result | None = None) -> None:
+        with self._lock:
+            if job.row.state in TERMINAL_STATES:
+                return
+            now = time.time()
+            job.row.state = state
+            job.row.finished = job.row.updated = now
+            fields: dict[str, Any] = {"state": state, "finished": now, "updated": now}
+            if error is not None:
+                job.row.error_code = error.code.value[0]
+                job.row.error_message = error.message
+                fields.update(error_code=job.row.error_code, error_message=error.message)
+            if result is not None:
+                fields["result"] = result
+                if job.row.progress is not None:
+                    job.row.progress.percent = 100.0
+                    job.row.progress.phase = state
+                    fields["progress"] = job.row.progress
+            self.store.update_job(job.row.job_id, **fields)
+            if result is not None:
+                self._emit(job, result=result)
+            else:
+                assert error is not None
+                self._emit(job, error=_error_pb(error.code, error.message))
+            job.subscribers.clear()
+            self._publish_state_counts()
+        # Media is kept until the job ends (so a restart can resume); then it goes.
+        shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
+        shutil.rmtree(self.tmp_dir / job.row.job_id, ignore_errors=True)
+
+    # --- helpers ----------------------------------------------------------------------------
+
+    def _find(self, job_id: str) -> _Job:
+        with self._lock:
+            job = self._jobs.get(job_id)
+        if job is None:
+            raise JobError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
+        return job
+
+    def _to_pb(self, job: _Job) -> pb.Job:
+        row = job.row
+        message = pb.Job(
+            job_id=row.job_id,
+            state=row.state,
+            source=f"{row.source_kind}:{row.source}",
+            options=row.options,
+            request_id=row.request_id or "",
+            create_time=_now_ts(row.created),
+            update_time=_now_ts(row.updated),
+            event_count=row.event_count,
+            chunks_total=row.chunks_total,
+            chunks_done=row.chunks_done,
+            chunks_reused=row.chunks_reused,
+            duration_seconds=row.duration,
+        )
+        if row.progress is not None:
+            message.progress.CopyFrom(row.progress)
+        if row.error_code:
+            code = next((c for c in grpc.StatusCode if c.value[0] == row.error_code),
+                        grpc.StatusCode.UNKNOWN)
+            message.error.CopyFrom(_error_pb(code, row.error_message))
+        return message
+
+    def _publish_state_counts(self) -> None:
+        counts: dict[str, int] = {pb.JobState.Name(s): 0 for s in pb.JobState.values()}
+        for job in self._jobs.values():
+            counts[pb.JobState.Name(job.row.state)] += 1
+        metrics.set_jobs_by_state(counts)
+
+    def _remove_leftovers(self) -> None:
+        """Start-up janitor: files of jobs that no longer exist, and every decode temp dir
+        (a crash can leave them; resumed jobs decode again anyway)."""
+        for path in self.tmp_dir.iterdir():
+            shutil.rmtree(path, ignore_errors=True)
+        for path in self.jobs_dir.iterdir():
+            job = self._jobs.get(path.name)
+            if job is None or job.row.state in TERMINAL_STATES:
+                shutil.rmtree(path, ignore_errors=True)
+
+    def _janitor_loop(self) -> None:
+        """Expire finished jobs (rows, events, files) after the retention period."""
+        while not self._janitor_stop.wait(60.0):
+            self.expire_finished()
+
+    def expire_finished(self, now: float | None = None) -> int:
+        cutoff = (now or time.time()) - self.config.retention_hours * 3600.0
+        with self._lock:
+            expired = [j for j in self._jobs.values()
+                       if j.row.state in TERMINAL_STATES and (j.row.finished or 0) < cutoff]
+            for job in expired:
+                del self._jobs[job.row.job_id]
+                if job.row.request_id:
+                    self._by_request.pop(job.row.request_id, None)
+        for job in expired:
+            self.store.delete_job(job.row.job_id)
+            shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
+        if expired:
+            log.info("expired %d finished jobs", len(expired))
+            self._publish_state_counts()
+        return len(expired)
+

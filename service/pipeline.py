@@ -1,0 +1,194 @@
+"""One job's work, start to end: source → fetch → decode → segment → engine → results.
+
+Plain Python, no gRPC: the job manager hands in a JobContext with callbacks for progress,
+segments and durable updates, and gets back the final Result (or a JobError / Cancelled)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import grpc
+from longscribe.service import formats
+from longscribe.service.audio import AudioStreamContext, probe_duration
+from longscribe.service.engine import DecodeOptions, WindowResult
+from longscribe.service.errors import Cancelled, JobError, exhausted
+from longscribe.service.fetch import FetchProgress, download
+from longscribe.service.paths import resolve_media_path
+from longscribe.service.segment import Segmenter, Window
+from longscribe.service.store import JobRow, JobStore, StoredWindow
+from longscribe.v1 import transcription_pb2 as pb
+
+log = logging.getLogger(__name__)
+
+# Share of the whole job's percent given to downloading, when there is a download.
+DOWNLOAD_SHARE = 20.0
+
+
+@dataclass
+class JobContext:
+    row: JobRow
+    config: Any
+    engine: Any
+    store: JobStore
+    job_dir: Path
+    tmp_dir: Path
+    cancel: Any  # threading.Event
+    set_phase: Callable[..., None]  # a phase change (always recorded)
+    progress: Callable[..., None]  # progress within a phase (rate-limited)
+    segment: Callable[[pb.Segment], Any]
+    update: Callable[..., None]  # durable job fields (media_path, duration, chunk counts)
+
+    def check_cancelled(self) -> None:
+        if self.cancel.is_set():
+            raise Cancelled()
+
+
+def run_pipeline(ctx: JobContext) -> pb.Result:
+    ctx.check_cancelled()
+    media, downloaded = _obtain_media(ctx)
+    duration = probe_duration(media) or 0.0
+    limit = ctx.config.max_duration_seconds
+    if duration > limit:
+        raise exhausted(
+            f"the media lasts {duration / 60:.1f} min, over this server's limit of "
+            f"{limit / 60:.1f} min (max_duration_seconds)"
+        )
+    ctx.update(duration=duration)
+    base = DOWNLOAD_SHARE if downloaded else 0.0
+    segments, language = _transcribe(ctx, media, duration, base)
+    ctx.set_phase(pb.JOB_STATE_FINALIZING, percent=99.0, audio_seconds_done=duration,
+                  audio_seconds_total=duration, message="rendering formats")
+    text = "".join(s.text for s in segments).strip()
+    return pb.Result(
+        text=text,
+        segments=segments,
+        language=language,
+        duration_seconds=duration,
+        formats=formats.all_formats(text, segments, language),
+    )
+
+
+def _obtain_media(ctx: JobContext) -> tuple[Path, bool]:
+    """The media file on local disk, and whether it had to be downloaded."""
+    row = ctx.row
+    if row.source_kind == "path":
+        return resolve_media_path(ctx.config.media_root, row.source), False
+    if row.media_path and Path(row.media_path).is_file():
+        return Path(row.media_path), row.source_kind == "url"  # uploaded, or downloaded already
+    if row.source_kind != "url":
+        raise JobError(grpc.StatusCode.DATA_LOSS,
+                       "the uploaded file is gone (the server lost it); upload it again")
+    ctx.set_phase(pb.JOB_STATE_DOWNLOADING, percent=0.0, message=f"downloading {row.source}")
+    started = time.monotonic()
+
+    def on_progress(p: FetchProgress) -> None:
+        total = p.total_bytes or 0
+        share = DOWNLOAD_SHARE * (p.fraction or 0.0)
+        ctx.progress(pb.JOB_STATE_DOWNLOADING, percent=share, bytes_done=p.downloaded_bytes,
+                     bytes_total=total, bytes_per_second=p.speed or 0.0,
+                     eta_seconds=p.eta or 0.0)
+
+    path = download(
+        row.source,
+        ctx.job_dir / "download",
+        on_progress=on_progress,
+        cancel=ctx.cancel,
+        max_bytes=ctx.config.max_upload_bytes,
+        allow_private_networks=ctx.config.allow_private_networks,
+        min_free_bytes=ctx.config.min_free_disk_bytes,
+    )
+    size = path.stat().st_size
+    ctx.update(media_path=str(path))
+    ctx.progress(pb.JOB_STATE_DOWNLOADING, percent=DOWNLOAD_SHARE, bytes_done=size,
+                 bytes_total=size, bytes_per_second=size / max(time.monotonic() - started, 1e-6))
+    return path, True
+
+
+def decode_options(options: pb.TranscriptionOptions, multilingual: bool) -> DecodeOptions:
+    language = options.language or (None if multilingual else "en")
+    return DecodeOptions(
+        language=language,
+        task=options.task or "transcribe",
+        initial_prompt=options.initial_prompt or None,
+    )
+
+
+def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
+                ) -> tuple[list[pb.Segment], str]:
+    stored = ctx.store.load_windows(ctx.row.job_id)
+    ctx.set_phase(pb.JOB_STATE_DECODING, percent=base, audio_seconds_total=duration,
+                  message="decoding audio")
+    options = decode_options(ctx.row.options, ctx.engine.is_multilingual)
+    segments: list[pb.Segment] = []
+    language = options.language or ""
+    done_windows = reused = 0
+    started = time.monotonic()
+    transcribing = False
+
+    with AudioStreamContext(media, work_dir=ctx.tmp_dir, cancel=ctx.cancel) as stream:
+        windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
+        for result, was_stored in _merge_stored(windows, stored, ctx, options):
+            if not transcribing:
+                transcribing = True
+                ctx.set_phase(pb.JOB_STATE_TRANSCRIBING, percent=base,
+                              audio_seconds_total=duration, message="transcribing")
+            window_segments = result.segments if was_stored else _to_pb_segments(result)
+            if was_stored:
+                reused += 1
+            else:
+                ctx.store.save_window(ctx.row.job_id, StoredWindow(
+                    result.index, result.start, result.end, window_segments))
+            language = language or getattr(result, "language", "") or ""
+            for seg in window_segments:
+                message = pb.Segment()
+                message.CopyFrom(seg)
+                message.id = len(segments)
+                segments.append(message)
+                ctx.segment(message)
+            done_windows += 1
+            ctx.update(chunks_done=done_windows, chunks_reused=reused)
+            done = min(result.end, duration) if duration else result.end
+            elapsed = max(time.monotonic() - started, 1e-6)
+            rtf = done / elapsed
+            span = 99.0 - base
+            ctx.progress(
+                pb.JOB_STATE_TRANSCRIBING,
+                percent=base + (span * done / duration if duration else 0.0),
+                audio_seconds_done=done,
+                audio_seconds_total=duration,
+                chunk_index=done_windows,
+                realtime_factor=rtf,
+                eta_seconds=max(duration - done, 0.0) / rtf if rtf > 0 else 0.0,
+            )
+    ctx.update(chunks_total=done_windows)
+    if reused:
+        log.info("job %s reused %d stored windows", ctx.row.job_id, reused)
+    return segments, language or "en"
+
+
+def _merge_stored(windows: Iterator[Window], stored: dict[int, StoredWindow], ctx: JobContext,
+                  options: DecodeOptions) -> Iterator[tuple[Any, bool]]:
+    """Results in window order: stored ones as they were, the rest from the engine."""
+    fresh = (w for w in windows if w.index not in stored)
+    pending = sorted(stored)
+    for result in ctx.engine.transcribe(fresh, options, ctx.cancel):
+        while pending and pending[0] < result.index:
+            yield stored[pending.pop(0)], True
+        yield result, False
+    for index in pending:
+        yield stored[index], True
+    ctx.check_cancelled()
+
+
+def _to_pb_segments(result: WindowResult) -> list[pb.Segment]:
+    return [
+        pb.Segment(start=s.start, end=s.end, text=s.text, avg_logprob=s.avg_logprob,
+                   no_speech_prob=s.no_speech_prob, compression_ratio=s.compression_ratio,
+                   temperature=s.temperature)
+        for s in result.segments
+    ]

@@ -1,0 +1,153 @@
+"""Wiring: the grpc server, standard health and reflection services, auth, TLS, metrics, the
+model and the job manager. `longscribe serve` calls `serve(config)`."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+from longscribe.service import config as config_module
+from longscribe.service import metrics
+from longscribe.service.api import TranscriptionServicer
+from longscribe.service.auth import BearerAuthInterceptor, load_tokens
+from longscribe.service.jobs import JobManager
+from longscribe.service.store import JobStore
+from longscribe.service.tls import add_port
+from longscribe.v1 import transcription_pb2 as pb
+from longscribe.v1 import transcription_pb2_grpc as pb_grpc
+
+log = logging.getLogger("longscribe")
+
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
+UPLOAD_MESSAGE_LIMIT = 8 << 20  # uploads come in ~1 MiB chunks; leave headroom
+RESPONSE_MESSAGE_LIMIT = 256 << 20  # a result carries the transcript in four formats
+RPC_THREADS = 64  # each open WatchJob stream holds one
+
+
+class LongscribeServer:
+    """One server process. start() returns at once; the model loads in the background while
+    health says NOT_SERVING, and jobs submitted meanwhile wait in the queue."""
+
+    def __init__(self, config: config_module.Config) -> None:
+        self.config = config
+        config.data_path.mkdir(parents=True, exist_ok=True)
+        self.store = JobStore(config.data_path / "jobs.sqlite3")
+        self.manager = JobManager(config, self.store)
+        self.health = health.HealthServicer(experimental_non_blocking=True)
+        self.engine: Any = None
+        self.model_error: BaseException | None = None
+        self.ready = threading.Event()
+        self._metrics_server: Any = None
+        self.tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
+        interceptors = [BearerAuthInterceptor(self.tokens, open_health=config.auth_open_health)]
+        self.grpc_server = grpc.server(
+            futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
+            interceptors=interceptors,
+            options=[
+                ("grpc.max_receive_message_length", UPLOAD_MESSAGE_LIMIT),
+                ("grpc.max_send_message_length", RESPONSE_MESSAGE_LIMIT),
+                ("grpc.keepalive_time_ms", 60_000),
+                ("grpc.keepalive_timeout_ms", 20_000),
+                ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
+                ("grpc.keepalive_permit_without_calls", 1),
+            ],
+            # Past this, new calls get RESOURCE_EXHAUSTED instead of queueing forever.
+            maximum_concurrent_rpcs=RPC_THREADS * 4,
+        )
+        pb_grpc.add_TranscriptionServiceServicer_to_server(
+            TranscriptionServicer(self.manager, config, self.tokens), self.grpc_server)
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        reflection.enable_server_reflection(
+            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
+        self.port = add_port(self.grpc_server, config.host, config.port, cert=config.tls_cert,
+                             key=config.tls_key, client_ca=config.tls_client_ca)
+        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+
+    def _set_health(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, status)
+
+    def start(self) -> None:
+        if self.config.metrics_port:
+            self._metrics_server, port = metrics.start_metrics_server(
+                self.config.metrics_port, self.config.host)
+            log.info("metrics on http://%s:%d/metrics", self.config.host, port)
+        self.grpc_server.start()
+        log.info("longscribe listening on %s:%d", self.config.host, self.port)
+        threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
+
+    def _load_model(self) -> None:
+        try:
+            # Imported here: torch and whisper take seconds to import, the port opens first.
+            from longscribe.service.engine import Engine
+            from longscribe.service.models import load_model
+
+            started = time.monotonic()
+            model = load_model(self.config.model, self.config.device)
+            self.engine = Engine(model, batch_size=self.config.batch_size or None)
+            self.engine.start()
+            self.manager.start(self.engine)
+            log.info("model ready in %.1f s on %s", time.monotonic() - started,
+                     next(model.parameters()).device)
+            self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        except BaseException as exc:  # noqa: BLE001 - reported, then the process exits
+            log.exception("could not load the model")
+            self.model_error = exc
+        finally:
+            self.ready.set()
+
+    def stop(self, grace: float = 5.0) -> None:
+        """Stop accepting calls, stop running jobs so they resume on restart, free everything."""
+        self.health.enter_graceful_shutdown()
+        self.manager.shutdown(timeout=grace)
+        self.grpc_server.stop(grace).wait()
+        if self.engine is not None:
+            self.engine.stop()
+        if self._metrics_server is not None:
+            metrics.stop_metrics_server(self._metrics_server)
+        self.store.close()
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=getattr(logging, level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def serve(config: config_module.Config) -> int:
+    """Run until SIGTERM or SIGINT; 1 if the model could not be loaded."""
+    setup_logging(config.log_level)
+    server = LongscribeServer(config)
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda *_: stop.set())
+    server.start()
+    while not stop.wait(0.5):
+        if server.ready.is_set() and server.model_error is not None:
+            server.stop(grace=1.0)
+            return 1
+    log.info("shutting down")
+    server.stop()
+    log.info("stopped")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="longscribe serve", description=__doc__)
+    config_module.add_arguments(parser)
+    return serve(config_module.from_namespace(parser.parse_args(argv)))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

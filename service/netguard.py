@@ -154,7 +154,9 @@ def resolve_checked(
             continue
         reason = blocked_reason(address)
         if reason:
-            shown = host if host == str(address) else f"{host} (resolves to {address})"
+            shown = f"{host} port {port}"
+            if host.strip("[]") != str(address):
+                shown += f" (resolves to {address})"
             raise JobError(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"refusing to fetch from {shown}: {address} is not a public address ({reason}); "

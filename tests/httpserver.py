@@ -7,12 +7,13 @@
         server.fail("speech.mp3", [500, 500])   # the next two GETs answer 500, then normal
         server.redirect("/go", "http://...")    # /go answers 302 Location: ...
         server.throttle(64_000)                 # bytes per second for every body from now on
+        server.hide_length("speech.mp3")        # no Content-Length: body ends at close
         ...
         server.hits("speech.mp3")               # requests seen for that path (any status)
         server.log                              # [Hit(method, path, status, range), ...]
 
 Features: GET and HEAD, single `Range: bytes=a-b` requests (206/416), Content-Type from the file
-extension, 404 for missing files, queued failure statuses per path, redirects, and throttled
+extension, 404 for missing files, queued failure statuses per path, redirects, bodies without Content-Length, and throttled
 bodies (the throttle loop stops when the server stops, so a test never hangs on a slow body).
 """
 
@@ -55,6 +56,7 @@ class LocalServer:
         self._redirects: dict[str, tuple[str, int]] = {}
         self._bytes_per_second: float | None = None
         self._chunk = 16 * 1024
+        self._hide_length: set[str] = set()
 
     # -- hooks -------------------------------------------------------------------------------
     def url_for(self, path: str) -> str:
@@ -78,6 +80,11 @@ class LocalServer:
             self._bytes_per_second = bytes_per_second
             self._chunk = chunk if bytes_per_second else 16 * 1024
 
+    def hide_length(self, path: str) -> None:
+        """Serve `path` without Content-Length (body ends when the connection closes)."""
+        with self._lock:
+            self._hide_length.add(_norm(path))
+
     def hits(self, path: str | None = None, status: int | None = None) -> int:
         wanted = None if path is None else _norm(path)
         with self._lock:
@@ -100,6 +107,10 @@ class LocalServer:
     def _redirect_for(self, path: str) -> tuple[str, int] | None:
         with self._lock:
             return self._redirects.get(path)
+
+    def _length_hidden(self, path: str) -> bool:
+        with self._lock:
+            return path in self._hide_length
 
     def _pace(self) -> tuple[float | None, int]:
         with self._lock:
@@ -165,7 +176,11 @@ def _make_handler(state: LocalServer) -> type[BaseHTTPRequestHandler]:
             ctype = mimetypes.guess_type(file.name)[0] or "application/octet-stream"
             self.send_header("Content-Type", ctype)
             self.send_header("Accept-Ranges", "bytes")
-            self.send_header("Content-Length", str(end - start + 1))
+            if state._length_hidden(path) and status == 200:
+                self.close_connection = True
+                self.send_header("Connection", "close")
+            else:
+                self.send_header("Content-Length", str(end - start + 1))
             if status == 206:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()

@@ -13,8 +13,9 @@
         server.log                              # [Hit(method, path, status, range), ...]
 
 Features: GET and HEAD, single `Range: bytes=a-b` requests (206/416), Content-Type from the file
-extension, 404 for missing files, queued failure statuses per path, redirects, bodies without Content-Length, and throttled
-bodies (the throttle loop stops when the server stops, so a test never hangs on a slow body).
+extension, 404 for missing files, queued failure statuses per path, redirects, bodies without
+Content-Length, and throttled bodies (the throttle loop stops when the server stops, so a test
+never hangs on a slow body).
 """
 
 from __future__ import annotations

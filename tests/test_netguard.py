@@ -6,7 +6,6 @@ import ipaddress
 
 import grpc
 import pytest
-
 from longscribe.service import netguard
 from longscribe.service.errors import JobError
 
@@ -77,9 +76,11 @@ def test_public_addresses_pass(address: str) -> None:
 
 
 def test_public_looking_name_resolving_private_is_refused() -> None:
-    with netguard.override_resolver({"media.example.com": ["10.0.0.5"]}):
-        with pytest.raises(JobError) as info:
-            netguard.check_url("https://media.example.com/talk.mp3", False)
+    with (
+        netguard.override_resolver({"media.example.com": ["10.0.0.5"]}),
+        pytest.raises(JobError) as info,
+    ):
+        netguard.check_url("https://media.example.com/talk.mp3", False)
     assert info.value.code == grpc.StatusCode.PERMISSION_DENIED
     assert "10.0.0.5" in info.value.message and "media.example.com" in info.value.message
 

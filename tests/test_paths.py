@@ -7,7 +7,6 @@ from pathlib import Path
 
 import grpc
 import pytest
-
 from longscribe.service.errors import JobError
 from longscribe.service.paths import resolve_media_path
 

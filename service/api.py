@@ -117,8 +117,8 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
             job_id = self.manager.new_job_id()
             job_dir = self.manager.job_dir(job_id)
             try:
-                with UploadWriter(job_dir, meta.filename or "upload", self.config.max_upload_bytes
-                                  ) as writer:
+                with UploadWriter(job_dir, meta.filename or "upload", self.config.max_upload_bytes,
+                                  min_free_bytes=self.config.min_free_disk_bytes) as writer:
                     for message in request_iterator:
                         if message.HasField("metadata"):
                             raise invalid("metadata may only be sent once, in the first message")

@@ -21,7 +21,7 @@ from longscribe.service.api import TranscriptionServicer
 from longscribe.service.auth import BearerAuthInterceptor, load_tokens
 from longscribe.service.jobs import JobManager
 from longscribe.service.store import JobStore
-from longscribe.service.tls import add_port
+from longscribe.service.tls import NO_PORT_SHARING, add_port
 from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
 
@@ -53,6 +53,7 @@ class LongscribeServer:
             futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
             interceptors=interceptors,
             options=[
+                NO_PORT_SHARING,  # a second server on a busy port must fail, not share it
                 ("grpc.max_receive_message_length", UPLOAD_MESSAGE_LIMIT),
                 ("grpc.max_send_message_length", RESPONSE_MESSAGE_LIMIT),
                 ("grpc.keepalive_time_ms", 60_000),

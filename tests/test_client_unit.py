@@ -394,6 +394,43 @@ def test_unreachable_server_is_unavailable():
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
 
+def test_tls_with_a_private_ca_and_client_certificate(tmp_path, capsys):
+    trustme = pytest.importorskip("trustme")
+    ca = trustme.CA()
+    server_cert = ca.issue_cert("127.0.0.1")
+    client_cert = ca.issue_cert("client.example")
+    ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    client_cert.cert_chain_pems[0].write_to_path(str(tmp_path / "client.pem"))
+    client_cert.private_key_pem.write_to_path(str(tmp_path / "client.key"))
+    service = FakeService()
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TranscriptionServiceServicer_to_server(service, server)
+    creds = grpc.ssl_server_credentials(
+        [(server_cert.private_key_pem.bytes(),
+          b"".join(pem.bytes() for pem in server_cert.cert_chain_pems))],
+        root_certificates=ca.cert_pem.bytes(), require_client_auth=True,
+    )
+    target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', creds)}"
+    server.start()
+    try:
+        with LongscribeClient(target, tls_ca=str(tmp_path / "ca.pem"),
+                              tls_cert=str(tmp_path / "client.pem"),
+                              tls_key=str(tmp_path / "client.key"), token="t", timeout=10) as c:
+            assert c.get(JOB).job_id == JOB
+        assert service.auth == ["Bearer t"]
+        # Without the client certificate the handshake fails: UNAVAILABLE, exit status 4.
+        code = cli.main(["jobs", "get", JOB, "--server", target,
+                         "--tls-ca", str(tmp_path / "ca.pem"), "--timeout", "5"])
+        assert code == 4
+        code = cli.main(["jobs", "get", JOB, "--server", target, "--tls-ca",
+                         str(tmp_path / "ca.pem"), "--client-cert", str(tmp_path / "client.pem"),
+                         "--client-key", str(tmp_path / "client.key")])
+        assert code == 0
+        assert JOB in capsys.readouterr().out
+    finally:
+        server.stop(0).wait()
+
+
 def test_status_code_mapping_and_state_names():
     assert status_code(3) is grpc.StatusCode.INVALID_ARGUMENT
     assert status_code(1) is grpc.StatusCode.CANCELLED
@@ -537,11 +574,20 @@ def test_parser_reads_env_defaults_and_flags_override(monkeypatch):
     assert (ns.job_id, ns.from_index, ns.server) == ("abc", 7, "example.org:443")
 
 
-def test_usage_errors_exit_2(capsys, tmp_path):
+def test_usage_errors_exit_2(capsys, tmp_path, monkeypatch):
     assert cli.main(["transcribe", "x.mp3", "--format", "docx"]) == 2
     assert cli.main(["transcribe", str(tmp_path / "missing.mp3")]) == 2
     assert "neither an existing local file" in capsys.readouterr().err
     assert cli.main(["frobnicate"]) == 2
+    capsys.readouterr()
+    monkeypatch.setenv("LONGSCRIBE_FORMAT", "docx")  # env defaults are checked too
+    assert cli.main(["transcribe", "https://example.com/a.mp3"]) == 2
+    assert "LONGSCRIBE_FORMAT='docx'" in capsys.readouterr().err
+    monkeypatch.setenv("LONGSCRIBE_FORMAT", "srt")
+    monkeypatch.setenv("LONGSCRIBE_TIMEOUT", "soon")
+    assert cli.main(["jobs", "list"]) == 2
+    assert "LONGSCRIBE_TIMEOUT" in capsys.readouterr().err
+    monkeypatch.delenv("LONGSCRIBE_TIMEOUT")
     assert cli.main(["--help"]) == 0
     assert "exit status" in capsys.readouterr().out
 

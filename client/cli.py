@@ -15,6 +15,7 @@ from pathlib import Path
 import grpc
 from google.protobuf import json_format
 from longscribe import __version__
+from longscribe.v1 import transcription_pb2 as pb
 
 from .client import DEFAULT_TARGET, LongscribeClient, make_options, state_name, state_value
 from .errors import LongscribeError, status_code
@@ -77,7 +78,7 @@ def _json_line(message: object) -> str:
 # -- commands ------------------------------------------------------------------------------
 
 
-def _source_error(ns: argparse.Namespace) -> str | None:
+def _transcribe_problem(ns: argparse.Namespace) -> str | None:
     """Why a transcribe request cannot start, found before any job is made (None: it can)."""
     # argparse checks `choices` on flags, not on defaults taken from the environment.
     for value, allowed, env in ((ns.format, FORMATS, "FORMAT"), (ns.progress, MODES, "PROGRESS"),
@@ -100,9 +101,9 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
     mode = "off" if ns.no_progress else ns.progress
     job_id = ""
 
-    def started(job: object) -> None:
+    def started(job: pb.Job) -> None:
         nonlocal job_id
-        job_id = job.job_id  # type: ignore[attr-defined]
+        job_id = job.job_id
         if mode != "off":
             print(f"longscribe: job {job_id}", file=sys.stderr, flush=True)
 
@@ -356,7 +357,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if args[:1] == ["serve"]:
             return run_serve(args[1:])
         ns = build_parser().parse_args(args)
-        if getattr(ns, "source", None) is not None and (problem := _source_error(ns)):
+        if getattr(ns, "source", None) is not None and (problem := _transcribe_problem(ns)):
             print(f"error: {problem}", file=sys.stderr)
             return EXIT_USAGE
     except SystemExit as exc:  # argparse: --help, --version, usage errors

@@ -1,0 +1,302 @@
+"""Batched Whisper decoding with a static key/value cache.
+
+`BatchDecoder` runs openai-whisper's model (its weights, tokenizer and log-mel) but its own decode
+loop: the encoder once per batch, cross-attention keys/values once per batch, a preallocated
+self-attention cache written in place (no hooks, no torch.cat per step), whisper's logit rules
+(SuppressBlank, SuppressTokens, ApplyTimestampRules) vectorised over the batch, per-row
+temperature, and rows that finish are dropped from the batch. The result per row matches what
+`whisper.decode()` would give for the same window at the same temperature.
+"""
+
+from __future__ import annotations
+
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import whisper
+from whisper.audio import HOP_LENGTH, N_FFT, N_SAMPLES, mel_filters
+from whisper.tokenizer import Tokenizer
+
+TIME_PRECISION = 0.02  # seconds per timestamp token (30 s / 1500)
+SAMPLES_PER_TOKEN = 320  # 0.02 s at 16 kHz
+
+
+def compression_ratio(text: str) -> float:
+    """gzip ratio as whisper computes it (high = repetitive)."""
+    raw = text.encode("utf-8")
+    return len(raw) / len(zlib.compress(raw)) if raw else 0.0
+
+
+def log_mel_batch(audio: torch.Tensor, n_mels: int) -> torch.Tensor:
+    """whisper.log_mel_spectrogram for a (B, N_SAMPLES) batch, normalised per row (whisper's own
+    function takes the max over the whole batch)."""
+    window = torch.hann_window(N_FFT, device=audio.device)
+    stft = torch.stft(audio, N_FFT, HOP_LENGTH, window=window, return_complex=True)
+    magnitudes = stft[..., :-1].abs() ** 2
+    mel = mel_filters(audio.device, n_mels) @ magnitudes
+    log_spec = torch.clamp(mel, min=1e-10).log10()
+    peak = log_spec.amax(dim=(1, 2), keepdim=True)
+    log_spec = torch.maximum(log_spec, peak - 8.0)
+    return (log_spec + 4.0) / 4.0
+
+
+@dataclass
+class RowResult:
+    """One decoded row: sampled tokens (no sot prefix, no eot) and whisper's quality numbers."""
+
+    tokens: list[int]
+    sum_logprob: float
+    no_speech_prob: float
+    looped: bool  # stopped early by the repetition guard
+
+    @property
+    def avg_logprob(self) -> float:
+        return self.sum_logprob / (len(self.tokens) + 1)
+
+
+class _Layer:
+    """One decoder block's weights in the compute dtype, as plain tensors."""
+
+    def __init__(self, block: torch.nn.Module, dtype: torch.dtype) -> None:
+        def w(t: torch.Tensor | None) -> torch.Tensor | None:
+            return None if t is None else t.detach().to(dtype)
+
+        a, c = block.attn, block.cross_attn
+        self.ln1 = (w(block.attn_ln.weight), w(block.attn_ln.bias))
+        self.qkv_w = torch.cat([a.query.weight, a.key.weight, a.value.weight]).detach().to(dtype)
+        zeros = torch.zeros_like(a.query.bias)
+        self.qkv_b = torch.cat([a.query.bias, zeros, a.value.bias]).detach().to(dtype)
+        self.out = (w(a.out.weight), w(a.out.bias))
+        self.ln2 = (w(block.cross_attn_ln.weight), w(block.cross_attn_ln.bias))
+        self.cq = (w(c.query.weight), w(c.query.bias))
+        self.ck = w(c.key.weight)
+        self.cv = (w(c.value.weight), w(c.value.bias))
+        self.cout = (w(c.out.weight), w(c.out.bias))
+        self.ln3 = (w(block.mlp_ln.weight), w(block.mlp_ln.bias))
+        self.fc1 = (w(block.mlp[0].weight), w(block.mlp[0].bias))
+        self.fc2 = (w(block.mlp[2].weight), w(block.mlp[2].bias))
+
+
+def _ln(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    # whisper's LayerNorm computes in float32 whatever the model dtype
+    return F.layer_norm(x.float(), (x.shape[-1],), wb[0].float(), wb[1].float()).to(x.dtype)
+
+
+class BatchDecoder:
+    """Greedy / sampled decoding of a batch of 30 s mel windows with timestamps."""
+
+    def __init__(self, model: whisper.model.Whisper, tokenizer: Tokenizer, dtype: torch.dtype):
+        self.model = model
+        self.tok = tokenizer
+        self.dtype = dtype
+        self.device = next(model.parameters()).device
+        dec = model.decoder
+        self.n_head = model.dims.n_text_head
+        self.n_ctx = model.dims.n_text_ctx
+        self.sample_len = self.n_ctx // 2
+        self.emb = dec.token_embedding.weight.detach().to(dtype)
+        self.pos = dec.positional_embedding.detach().to(dtype)
+        self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
+        self.layers = [_Layer(b, dtype) for b in dec.blocks]
+        self.ts_begin = tokenizer.timestamp_begin
+        self.eot = tokenizer.eot
+        vocab = self.emb.shape[0]
+        # SuppressTokens("-1") as whisper's default, plus the special tokens it always adds
+        suppress = set(tokenizer.non_speech_tokens)
+        for t in (tokenizer.transcribe, tokenizer.translate, tokenizer.sot, tokenizer.sot_prev,
+                  tokenizer.sot_lm, tokenizer.no_speech, tokenizer.no_timestamps):
+            if t is not None:
+                suppress.add(t)
+        self.suppress = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.suppress[sorted(suppress)] = True
+        self.blank = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        self.blank[tokenizer.encode(" ") + [self.eot]] = True
+        self.max_initial_ts = round(1.0 / TIME_PRECISION)  # whisper's max_initial_timestamp=1.0
+        self.vocab_ids = torch.arange(vocab, device=self.device)
+
+    # --- encoder -----------------------------------------------------------------------------
+    @torch.inference_mode()
+    def encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
+        """Windows (each ≤ 30 s of 16 kHz float32) → audio features (B, 1500, d)."""
+        batch = np.zeros((len(audio), N_SAMPLES), dtype=np.float32)
+        for i, a in enumerate(audio):
+            batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
+        x = torch.from_numpy(batch).to(self.device)
+        mel = log_mel_batch(x, self.model.dims.n_mels).to(self.dtype)
+        return self.model.encoder(mel)
+
+    @torch.inference_mode()
+    def detect_language(self, features: torch.Tensor) -> list[str]:
+        tokens, _ = whisper.decoding.detect_language(self.model, features, self.tok)
+        codes = dict(zip(self.tok.all_language_tokens, self.tok.all_language_codes, strict=False))
+        return [codes[int(t)] for t in tokens.tolist()]
+
+    # --- decoder -----------------------------------------------------------------------------
+    def _attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+              causal: bool) -> torch.Tensor:
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
+
+    def _heads(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, d = x.shape
+        return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
+
+    def _forward(self, tokens: torch.Tensor, offset: int, cache: list[list[torch.Tensor]],
+                 cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+        """tokens (B, T) at positions offset..offset+T-1 → hidden states (B, T, d) after ln."""
+        t = tokens.shape[1]
+        x = self.emb[tokens] + self.pos[offset:offset + t]
+        for layer, kv, (ck, cv) in zip(self.layers, cache, cross, strict=True):
+            h = _ln(x, layer.ln1)
+            q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
+            kv[0][:, :, offset:offset + t] = self._heads(k)
+            kv[1][:, :, offset:offset + t] = self._heads(v)
+            a = self._attn(self._heads(q), kv[0][:, :, :offset + t], kv[1][:, :, :offset + t],
+                           causal=t > 1)
+            x = x + F.linear(a, *layer.out)
+            h = _ln(x, layer.ln2)
+            a = self._attn(self._heads(F.linear(h, *layer.cq)), ck, cv, causal=False)
+            x = x + F.linear(a, *layer.cout)
+            h = _ln(x, layer.ln3)
+            x = x + F.linear(F.gelu(F.linear(h, *layer.fc1)), *layer.fc2)
+        return _ln(x, self.ln)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return (hidden @ self.emb.T).float()
+
+    def _apply_rules(self, logits: torch.Tensor, step: int, last: torch.Tensor,
+                     penult: torch.Tensor, ts_max: torch.Tensor) -> None:
+        """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once."""
+        neg = float("-inf")
+        tb = self.ts_begin
+        ids = self.vocab_ids
+        if step == 0:
+            logits.masked_fill_(self.blank, neg)
+        logits.masked_fill_(self.suppress, neg)
+        if step > 0:
+            last_ts = last >= tb
+            pen_ts = (penult >= tb) if step > 1 else torch.ones_like(last_ts)
+            logits.masked_fill_((last_ts & pen_ts)[:, None] & (ids >= tb), neg)
+            logits.masked_fill_((last_ts & ~pen_ts)[:, None] & (ids < self.eot), neg)
+            # timestamps never decrease; a segment has nonzero length
+            bound = torch.where(last_ts & ~pen_ts, ts_max, ts_max + 1)
+            bound = torch.where(ts_max >= 0, bound, torch.zeros_like(bound))
+            logits.masked_fill_((ids >= tb) & (ids[None, :] < bound[:, None]), neg)
+        else:
+            logits[:, :tb] = neg
+            logits[:, tb + self.max_initial_ts + 1:] = neg
+        logprobs = F.log_softmax(logits, dim=-1)
+        ts_lp = logprobs[:, tb:].logsumexp(dim=-1)
+        text_lp = logprobs[:, :tb].max(dim=-1).values
+        logits[:, :tb].masked_fill_((ts_lp > text_lp)[:, None], neg)
+
+    @torch.inference_mode()
+    def decode(
+        self,
+        features: torch.Tensor,
+        initial: torch.Tensor,
+        temperatures: Sequence[float],
+        *,
+        sot_index: int,
+        loop_ratio: float | None = 3.0,
+        should_stop: Callable[[], bool] | None = None,
+        check_every: int = 8,
+    ) -> list[RowResult]:
+        """Decode every row of `features` (B, 1500, d) from `initial` tokens (B, L0), each at its
+        own temperature, until every row has emitted eot or `sample_len` tokens."""
+        n, l0 = initial.shape
+        dev = self.device
+        d = self.emb.shape[1]
+        hd = d // self.n_head
+        max_len = min(self.n_ctx, l0 + self.sample_len)
+        cache = [[torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)
+                  for _ in range(2)] for _ in self.layers]
+        cross = []
+        for layer in self.layers:
+            ck = self._heads(F.linear(features, layer.ck))
+            cv = self._heads(F.linear(features, *layer.cv))
+            cross.append((ck, cv))
+        temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
+        rows = torch.arange(n, device=dev)  # original row of each live batch entry
+        out_tokens = torch.full((n, self.sample_len), self.eot, dtype=torch.long, device=dev)
+        sum_lp = torch.zeros(n, dtype=torch.float32, device=dev)
+        done = torch.zeros(n, dtype=torch.bool, device=dev)
+        ts_max = torch.full((n,), -1, dtype=torch.long, device=dev)
+        last = initial[:, -1].to(dev)
+        penult = initial[:, -2].to(dev) if l0 > 1 else last
+        looped = [False] * n
+        no_speech = torch.zeros(n)
+
+        tokens_in = initial.to(dev)
+        offset = 0
+        for step in range(min(self.sample_len, max_len - l0)):
+            hidden = self._forward(tokens_in, offset, cache, cross)
+            if step == 0:
+                probs = self._logits(hidden[:, sot_index]).softmax(dim=-1)
+                no_speech = probs[:, self.tok.no_speech].cpu()
+            offset += tokens_in.shape[1]
+            logits = self._logits(hidden[:, -1])
+            self._apply_rules(logits, step, last, penult, ts_max)
+            logprobs = F.log_softmax(logits, dim=-1)
+            t = temps[rows]
+            nxt = logits.argmax(dim=-1)
+            if bool((t > 0).any()):
+                sampled = torch.multinomial(
+                    F.softmax(logits / t.clamp(min=1e-5)[:, None], dim=-1), 1).squeeze(1)
+                nxt = torch.where(t > 0, sampled, nxt)
+            live = ~done[rows]
+            sum_lp[rows] += logprobs.gather(1, nxt[:, None]).squeeze(1) * live
+            nxt = torch.where(live, nxt, torch.full_like(nxt, self.eot))
+            out_tokens[rows, step] = nxt
+            done[rows] |= nxt == self.eot
+            is_ts = nxt >= self.ts_begin
+            ts_max = torch.where(is_ts, nxt, ts_max)
+            penult, last = last, nxt
+            tokens_in = nxt[:, None]
+
+            if (step + 1) % check_every:
+                continue
+            if should_stop is not None and should_stop():
+                break
+            if loop_ratio is not None and step + 1 >= 48:
+                self._guard_loops(out_tokens, rows, done, step + 1, loop_ratio, looped)
+            keep = ~done[rows]
+            alive = int(keep.sum())
+            if alive == 0:
+                break
+            # drop finished rows once at most half are left (copies amortise to ≤ 2× the batch)
+            if alive <= len(rows) // 2:
+                idx = keep.nonzero().squeeze(1)
+                rows = rows[idx]
+                cache = [[c.index_select(0, idx) for c in kv] for kv in cache]
+                cross = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cross]
+                ts_max, last, penult = ts_max[idx], last[idx], penult[idx]
+                tokens_in = tokens_in[idx]
+
+        results = []
+        toks = out_tokens.cpu().tolist()
+        lps = sum_lp.cpu().tolist()
+        for i in range(n):
+            seq = toks[i]
+            end = seq.index(self.eot) if self.eot in seq else len(seq)
+            results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i]))
+        return results
+
+    def _guard_loops(self, out_tokens: torch.Tensor, rows: torch.Tensor, done: torch.Tensor,
+                     length: int, ratio: float, looped: list[bool]) -> None:
+        """Stop rows stuck in a repetition loop: their text so far compresses too well. They are
+        marked and fall back (their compression ratio is over whisper's threshold anyway)."""
+        live_rows = rows[~done[rows]].tolist()
+        if not live_rows:
+            return
+        seqs = out_tokens[live_rows, :length].cpu().tolist()
+        for r, seq in zip(live_rows, seqs, strict=True):
+            text = self.tok.decode([t for t in seq if t < self.eot])
+            if len(text) > 120 and compression_ratio(text) > ratio:
+                looped[r] = True
+                done[r] = True

@@ -39,7 +39,7 @@ from longscribe.service.errors import Cancelled, JobError
 from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from yt_dlp import YoutubeDL
 from yt_dlp.networking._requests import RequestsRH
-from yt_dlp.networking.exceptions import HTTPError, TransportError
+from yt_dlp.networking.exceptions import HTTPError, SSLError, TransportError
 from yt_dlp.utils import DownloadCancelled, UnsupportedError
 
 log = logging.getLogger("longscribe.fetch")
@@ -289,6 +289,11 @@ def _classify(error: BaseException, url: str) -> JobError:
             return JobError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED, "the server ran out of disk space downloading"
             )
+        if isinstance(e, SSLError):  # not transient: the same certificate comes back
+            return JobError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"a TLS connection to {url} failed (is its certificate valid?): {_message(e)}",
+            )
         if isinstance(e, UnsupportedError):
             return JobError(
                 grpc.StatusCode.INVALID_ARGUMENT,
@@ -297,9 +302,12 @@ def _classify(error: BaseException, url: str) -> JobError:
             )
         if isinstance(e, (TransportError, TimeoutError, ConnectionError)):
             return _Transient(f"network error fetching {url}: {_message(e)}")
-    return JobError(
-        grpc.StatusCode.INVALID_ARGUMENT, f"could not download {url}: {_message(error)}"
-    )
+    message = _message(error)
+    if "[download] Got error:" in message:
+        # yt-dlp's HTTP downloader reports the failures it would retry itself (dropped
+        # connections, short reads, timeouts, 5xx mid-download) this way, without the cause
+        return _Transient(f"the download of {url} broke off: {message.split('Got error:')[-1]}")
+    return JobError(grpc.StatusCode.INVALID_ARGUMENT, f"could not download {url}: {message}")
 
 
 def _looks_like_text(path: Path) -> bool:
@@ -307,8 +315,8 @@ def _looks_like_text(path: Path) -> bool:
     yt-dlp hands any non-HTML answer on as a "direct link", so this is where text is caught."""
     with path.open("rb") as f:
         head = f.read(4096)
-    if not head or b"\x00" in head:
-        return not head
+    if b"\x00" in head:
+        return False
     try:
         text = head.decode("utf-8")
     except UnicodeDecodeError as e:
@@ -364,10 +372,11 @@ class _Attempt:
         if cancel is not None and cancel.is_set():
             raise _Stop()
         done = int(d.get("downloaded_bytes") or 0)
-        total = d.get("total_bytes") or d.get("total_bytes_estimate")
+        exact = d.get("total_bytes")
+        if exact:  # an estimate (HLS) is not refused on; the running count catches it
+            self._limit(int(exact), "size")
+        total = exact or d.get("total_bytes_estimate")
         total = int(total) if total else None
-        if total:
-            self._limit(total, "size")
         self._limit(done, "download so far")
         if self._checked_disk_at is None or done - self._checked_disk_at >= _DISK_CHECK_EVERY:
             self._checked_disk_at = done
@@ -412,6 +421,10 @@ class _Attempt:
         if path is None or not path.resolve().is_relative_to(self.work.resolve()):
             raise JobError(
                 grpc.StatusCode.INVALID_ARGUMENT, f"yt-dlp produced no media file for {self.url}"
+            )
+        if path.stat().st_size == 0:
+            raise JobError(
+                grpc.StatusCode.INVALID_ARGUMENT, f"{self.url} returned an empty body, not media"
             )
         if _looks_like_text(path):
             raise JobError(

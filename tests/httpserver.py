@@ -8,6 +8,7 @@
         server.redirect("/go", "http://...")    # /go answers 302 Location: ...
         server.throttle(64_000)                 # bytes per second for every body from now on
         server.hide_length("speech.mp3")        # no Content-Length: body ends at close
+        server.truncate("speech.mp3", 30_000)   # next GET: stop after 30 kB and hang up
         ...
         server.hits("speech.mp3")               # requests seen for that path (any status)
         server.log                              # [Hit(method, path, status, range), ...]
@@ -15,7 +16,8 @@
 Features: GET and HEAD, single `Range: bytes=a-b` requests (206/416), Content-Type from the file
 extension, 404 for missing files, queued failure statuses per path, redirects, bodies without
 Content-Length, and throttled bodies (the throttle loop stops when the server stops, so a test
-never hangs on a slow body).
+never hangs on a slow body). `serve_directory(root, tls=ssl_context)` serves HTTPS instead and
+records the SNI names clients sent in `server.sni_names`.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ from __future__ import annotations
 import contextlib
 import mimetypes
 import re
+import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterable, Iterator
@@ -58,6 +62,8 @@ class LocalServer:
         self._bytes_per_second: float | None = None
         self._chunk = 16 * 1024
         self._hide_length: set[str] = set()
+        self._truncate: dict[str, list[int]] = {}
+        self.sni_names: list[str | None] = []
 
     # -- hooks -------------------------------------------------------------------------------
     def url_for(self, path: str) -> str:
@@ -86,6 +92,12 @@ class LocalServer:
         with self._lock:
             self._hide_length.add(_norm(path))
 
+    def truncate(self, path: str, after_bytes: int, times: int = 1) -> None:
+        """The next `times` bodies of `path` stop after `after_bytes` and the connection closes
+        (a dropped download; the Content-Length still promises the whole body)."""
+        with self._lock:
+            self._truncate.setdefault(_norm(path), []).extend([after_bytes] * times)
+
     def hits(self, path: str | None = None, status: int | None = None) -> int:
         wanted = None if path is None else _norm(path)
         with self._lock:
@@ -108,6 +120,11 @@ class LocalServer:
     def _redirect_for(self, path: str) -> tuple[str, int] | None:
         with self._lock:
             return self._redirects.get(path)
+
+    def _next_truncation(self, path: str) -> int | None:
+        with self._lock:
+            queue = self._truncate.get(path)
+            return queue.pop(0) if queue else None
 
     def _length_hidden(self, path: str) -> bool:
         with self._lock:
@@ -186,16 +203,20 @@ def _make_handler(state: LocalServer) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Range", f"bytes {start}-{end}/{size}")
             self.end_headers()
             if body:
-                self._send_body(file, start, end - start + 1)
+                cut = state._next_truncation(path)
+                self._send_body(file, start, end - start + 1, cut)
 
-        def _send_body(self, file: Path, start: int, length: int) -> None:
+        def _send_body(self, file: Path, start: int, length: int, cut: int | None) -> None:
             rate, chunk = state._pace()
             began = time.monotonic()
             sent = 0
             with file.open("rb") as f, contextlib.suppress(ConnectionError, TimeoutError):
                 f.seek(start)
                 while sent < length and not state.stopping.is_set():
-                    data = f.read(min(chunk, length - sent))
+                    want = min(chunk, length - sent)
+                    if cut is not None:
+                        want = min(want, cut - sent)
+                    data = f.read(want)
                     if not data:
                         break
                     self.wfile.write(data)
@@ -204,8 +225,12 @@ def _make_handler(state: LocalServer) -> type[BaseHTTPRequestHandler]:
                         ahead = sent / rate - (time.monotonic() - began)
                         if ahead > 0 and state.stopping.wait(ahead):
                             break
+                    if cut is not None and sent >= cut:
+                        break
             if sent < length:
                 self.close_connection = True
+                with contextlib.suppress(OSError):
+                    self.connection.shutdown(socket.SHUT_RDWR)
 
     return Handler
 
@@ -214,17 +239,38 @@ class _Server(ThreadingHTTPServer):
     daemon_threads = True
     block_on_close = False
 
+    tls: ssl.SSLContext | None = None
+
     def handle_error(self, request: object, client_address: object) -> None:
         pass  # clients hanging up mid-body (cancel tests) are expected, not news
 
+    def finish_request(self, request: socket.socket, client_address: object) -> None:  # type: ignore[override]
+        if self.tls is None:
+            return super().finish_request(request, client_address)
+        # the TLS handshake runs here, in the request's thread, not in the accept loop
+        try:
+            wrapped = self.tls.wrap_socket(request, server_side=True)
+        except (ssl.SSLError, OSError):
+            return
+        try:
+            super().finish_request(wrapped, client_address)
+        finally:
+            wrapped.close()
+
 
 @contextlib.contextmanager
-def serve_directory(root: Path | str) -> Iterator[LocalServer]:
-    """Serve `root` on 127.0.0.1 (a free port) while inside; stops and joins on exit."""
+def serve_directory(
+    root: Path | str, *, tls: ssl.SSLContext | None = None
+) -> Iterator[LocalServer]:
+    """Serve `root` on 127.0.0.1 (a free port) while inside; stops and joins on exit.
+    With `tls` (a server-side SSLContext), serve HTTPS."""
     state = LocalServer(Path(root))
     httpd = _Server(("127.0.0.1", 0), _make_handler(state))
+    if tls is not None:
+        tls.sni_callback = lambda _sock, name, _ctx: state.sni_names.append(name)
+        httpd.tls = tls
     state.port = httpd.server_address[1]
-    state.url = f"http://127.0.0.1:{state.port}"
+    state.url = f"{'https' if tls else 'http'}://127.0.0.1:{state.port}"
     thread = threading.Thread(
         target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, name="test-http", daemon=True
     )

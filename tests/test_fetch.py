@@ -3,6 +3,7 @@ cancellation and SSRF refusals (including redirects and DNS answers)."""
 
 from __future__ import annotations
 
+import ssl
 import threading
 import time
 from collections.abc import Iterator
@@ -11,6 +12,7 @@ from pathlib import Path
 import grpc
 import psutil
 import pytest
+import trustme
 from longscribe.service import fetch, netguard
 from longscribe.service.errors import Cancelled, JobError
 
@@ -241,3 +243,34 @@ def test_redirect_to_file_scheme_is_refused(server: LocalServer, tmp_path: Path)
     err = _fails(server.url_for("evil.mp3"), tmp_path)
     assert err.code in (grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.PERMISSION_DENIED)
     assert not any(p.read_bytes().startswith(b"root:") for p in tmp_path.rglob("*") if p.is_file())
+
+
+def test_dropped_connection_resumes_with_range(
+    server: LocalServer, media: Path, tmp_path: Path
+) -> None:
+    # bodies stop after 30 kB: a transient failure; the retry asks only for the rest. Two cuts:
+    # yt-dlp first GETs the URL to look at its headers (unaffected), then downloads it (cut).
+    server.truncate("jfk.mp3", 30_000, times=2)
+    path = _get(server.url_for("jfk.mp3"), tmp_path, retries=2)
+    assert path.read_bytes() == (media / "jfk.mp3").read_bytes()
+    ranges = [h.range for h in server.log if h.path == "/jfk.mp3" and h.status == 206]
+    # resumed from what reached the disk (yt-dlp drops the block it was reading), not from 0
+    assert ranges and 0 < int(ranges[-1].removeprefix("bytes=").rstrip("-")) <= 30_000
+
+
+def test_https_uses_the_hostname_for_tls_on_the_pinned_address(
+    media: Path, tmp_path: Path
+) -> None:
+    """The socket goes to the vetted address while TLS still names (SNI) and verifies the host.
+    The test CA is not in yt-dlp's trust store, so verification must fail, once, not retried."""
+    ca = trustme.CA()
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("media.example.com").configure_cert(context)
+    with serve_directory(media, tls=context) as https:
+        url = f"https://media.example.com:{https.port}/jfk.mp3"
+        with netguard.override_resolver({"media.example.com": ["127.0.0.1"]}):
+            err = _fails(url, tmp_path, allow_private_networks=False,
+                         allow_endpoints={("127.0.0.1", https.port)})
+        assert err.code == grpc.StatusCode.UNAVAILABLE and "certificate" in err.message.lower()
+        assert https.sni_names == ["media.example.com"]  # one handshake: no retries
+        assert https.hits() == 0

@@ -315,6 +315,8 @@ class LongscribeClient:
                 )
             except grpc.RpcError as err:
                 reason = LongscribeError.from_rpc(err, job_id=job_id)
+            except LongscribeError as err:  # from get(): the server may be going away too
+                reason = err
             finally:
                 call.cancel()  # no-op when the stream is done; frees it when the caller stops
             if not reconnect or reason.code not in RECONNECT_CODES:

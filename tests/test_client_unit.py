@@ -257,6 +257,32 @@ def test_watch_reconnects_after_a_stream_closed_before_the_end(peer, client):
     assert service.watch_from == [0, 2]
 
 
+def _start_peer(service: FakeService, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TranscriptionServiceServicer_to_server(service, server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+def test_watch_survives_a_server_restart():
+    first = FakeService()
+    first.hold_after = 5  # the job is mid-way when this server goes down
+    server, port = _start_peer(first)
+    second = FakeService()
+    seen: list[int] = []
+    with LongscribeClient(f"127.0.0.1:{port}", reconnect_attempts=8,
+                          reconnect_backoff=0.05) as c:
+        for event in c.watch(JOB):
+            seen.append(event.index)
+            if event.index == 4:
+                server.stop(0).wait()  # the client now sees UNAVAILABLE and retries...
+                server, _ = _start_peer(second, port)  # ...until the restarted one answers
+    server.stop(0).wait()
+    assert seen == list(range(len(second.events[JOB])))
+    assert second.watch_from and set(second.watch_from) == {5}
+
+
 def test_watch_retries_are_bounded(peer, client):
     service, _ = peer
     service.drops = [1] + [0] * 10  # one event, then the server never gets further

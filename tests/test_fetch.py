@@ -22,6 +22,10 @@ from tests.httpserver import LocalServer, serve_directory
 FAST = fetch.RetryPolicy(max_total_seconds=20.0, initial_wait=0.05, max_wait=0.2)
 
 
+def _page(body: str) -> str:
+    return f"<!doctype html><html><head><title>Talk</title></head><body>{body}</body></html>"
+
+
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     require_testdata()
@@ -29,6 +33,9 @@ def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ffmpeg("-i", str(JFK), "-ac", "1", "-b:a", "64k", str(folder / "jfk.mp3"))
     (folder / "notes.txt").write_text("these are meeting notes, not audio\n" * 50)
     (folder / "page.html").write_text("<!doctype html><html><body><p>No media.</p></body></html>")
+    audio = '<audio controls src="{}"></audio>'
+    (folder / "one.html").write_text(_page(audio.format("jfk.mp3")))
+    (folder / "two.html").write_text(_page(audio.format("jfk.mp3") + audio.format("jfk.mp3?b")))
     return folder
 
 
@@ -115,6 +122,18 @@ def test_size_limit(server: LocalServer, tmp_path: Path, hide_length: bool) -> N
 def test_disk_space_is_checked(server: LocalServer, tmp_path: Path) -> None:
     err = _fails(server.url_for("jfk.mp3"), tmp_path, min_free_bytes=1 << 60)
     assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "disk space" in err.message
+
+
+def test_page_with_one_embedded_audio(server: LocalServer, media: Path, tmp_path: Path) -> None:
+    path = _get(server.url_for("one.html"), tmp_path)
+    assert path.read_bytes() == (media / "jfk.mp3").read_bytes()
+    assert server.hits("one.html") >= 1 and server.hits("jfk.mp3") >= 1
+
+
+def test_page_with_several_media_is_a_playlist(server: LocalServer, tmp_path: Path) -> None:
+    err = _fails(server.url_for("two.html"), tmp_path)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT and "playlist (2 items)" in err.message
+    assert server.hits("jfk.mp3") == 0  # nothing downloaded
 
 
 def _cancel_after(server: LocalServer, tmp_path: Path, trigger: str) -> float:
@@ -274,3 +293,18 @@ def test_https_uses_the_hostname_for_tls_on_the_pinned_address(
         assert err.code == grpc.StatusCode.UNAVAILABLE and "certificate" in err.message.lower()
         assert https.sni_names == ["media.example.com"]  # one handshake: no retries
         assert https.hits() == 0
+
+
+def test_page_embedding_private_media_is_refused(
+    server: LocalServer, media: Path, tmp_path: Path
+) -> None:
+    # the page is fetched (allowlisted); the media it points at is on a private address
+    pages = tmp_path / "pages"
+    pages.mkdir()
+    (pages / "embed.html").write_text(_page(f'<audio src="{server.url_for("jfk.mp3")}"></audio>'))
+    with serve_directory(pages) as site:
+        dest = tmp_path / "dest"
+        err = _fails(site.url_for("embed.html"), dest, allow_private_networks=False,
+                     allow_endpoints={("127.0.0.1", site.port)})
+        assert err.code == grpc.StatusCode.PERMISSION_DENIED
+        assert site.hits("embed.html") == 1 and server.hits() == 0

@@ -1,0 +1,455 @@
+"""The transcription engine: one worker thread owns the model and decodes windows from every
+running job in shared batches (cross-job batching), with whisper's per-window fallback.
+
+Each `transcribe()` call is a job: a feeder thread pulls its windows lazily into a bounded
+per-job queue (backpressure to the segmenter and the decoder behind it); the worker takes windows
+round-robin across jobs, encodes and decodes them together (`decoding.BatchDecoder`), re-queues
+the windows whose result whisper would reject at the next temperature, and hands finished window
+results back to the job, which yields them in window order.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import deque
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import grpc
+import torch
+import whisper
+from whisper.tokenizer import get_tokenizer
+
+from .decoding import SAMPLES_PER_TOKEN, BatchDecoder, RowResult, compression_ratio
+from .errors import Cancelled, JobError
+
+SAMPLE_RATE = 16000
+MAX_CONTINUATIONS = 8  # re-decodes of one window's unconsumed tail (whisper's "seek")
+MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another decode
+
+
+@dataclass(frozen=True)
+class DecodeOptions:
+    language: str | None = None
+    task: str = "transcribe"
+    initial_prompt: str | None = None
+    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
+    compression_ratio_threshold: float | None = 2.4
+    logprob_threshold: float | None = -1.0
+    no_speech_threshold: float | None = 0.6
+
+
+@dataclass(frozen=True)
+class SegmentResult:
+    start: float  # absolute seconds
+    end: float
+    text: str
+    avg_logprob: float
+    no_speech_prob: float
+    compression_ratio: float
+    temperature: float
+
+
+@dataclass(frozen=True)
+class WindowResult:
+    index: int
+    start: float
+    end: float
+    segments: list[SegmentResult]
+    language: str
+
+
+@dataclass
+class EngineStats:
+    windows: int = 0  # windows finished
+    rows: int = 0  # decoded rows (a window, a fallback retry or a continuation)
+    batches: int = 0
+    mixed_job_batches: int = 0  # batches holding windows of more than one job
+    fallbacks: int = 0  # rows re-queued at a higher temperature
+    continuations: int = 0  # rows re-decoding the unconsumed tail of a window
+    oom_splits: int = 0  # batches halved after a CUDA out-of-memory
+
+
+class _WindowState:
+    def __init__(self, window: Any) -> None:
+        self.window = window
+        self.segments: list[SegmentResult] = []
+        self.language = "en"
+        self.outstanding = 1  # rows still to decode for this window
+        self.continuations = 0
+
+    @property
+    def done(self) -> bool:
+        return self.outstanding == 0
+
+    def result(self) -> WindowResult:
+        w = self.window
+        start = w.start_sample / SAMPLE_RATE
+        end = (w.start_sample + len(w.samples)) / SAMPLE_RATE
+        segs = sorted(self.segments, key=lambda s: s.start)
+        return WindowResult(int(w.index), start, end, segs, self.language)
+
+
+@dataclass
+class _Item:
+    job: _Job
+    state: _WindowState
+    offset: int = 0  # samples into the window where this decode starts
+    temp_index: int = 0
+
+
+@dataclass(eq=False)
+class _Job:
+    options: DecodeOptions
+    cancel: threading.Event
+    prompt: list[int]
+    max_pending: int
+    pending: deque[_Item] = field(default_factory=deque)
+    order: deque[_WindowState] = field(default_factory=deque)
+    queued: int = 0  # windows taken from the feeder and not yet finished
+    feed_done: bool = False
+    closed: bool = False
+    error: BaseException | None = None
+
+    @property
+    def dead(self) -> bool:
+        return self.closed or self.cancel.is_set() or self.error is not None
+
+
+class Engine:
+    """Shares one model between all jobs; see the module docstring."""
+
+    def __init__(self, model: whisper.model.Whisper, *, batch_size: int | None = None,
+                 threads: int | None = None, linger: float = 0.05) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.cuda else torch.float32
+        self.batch_size = batch_size or (32 if self.cuda else 8)
+        self.threads = threads
+        self.linger = linger
+        self.stats = EngineStats()
+        self._cv = threading.Condition()
+        self._jobs: list[_Job] = []
+        self._rr = 0
+        self._worker: threading.Thread | None = None
+        self._stopping = False
+        self._multilingual = model.is_multilingual
+        self._tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages,
+            language="en" if model.is_multilingual else None, task="transcribe")
+        self._decoder = BatchDecoder(model, self._tokenizer, self.dtype)
+
+    # --- lifecycle -----------------------------------------------------------------------------
+    def start(self) -> None:
+        with self._cv:
+            if self._worker is not None:
+                return
+            self._stopping = False
+            self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+            self._worker.start()
+
+    def stop(self, timeout: float | None = 30.0) -> None:
+        with self._cv:
+            self._stopping = True
+            self._cv.notify_all()
+            worker, self._worker = self._worker, None
+        if worker is not None:
+            worker.join(timeout)
+
+    @property
+    def running(self) -> bool:
+        return self._worker is not None and not self._stopping
+
+    def stats_snapshot(self) -> EngineStats:
+        with self._cv:
+            return EngineStats(**vars(self.stats))
+
+    # --- the job side ----------------------------------------------------------------------------
+    def transcribe(self, windows: Iterable[Any], options: DecodeOptions,
+                   cancel: threading.Event) -> Iterator[WindowResult]:
+        """Window results in window order. Raises errors.Cancelled soon after `cancel` is set."""
+        if not self.running:
+            raise JobError(grpc.StatusCode.UNAVAILABLE, "the transcription engine is not running")
+        if not options.temperatures:
+            raise JobError(grpc.StatusCode.INVALID_ARGUMENT, "at least one temperature is needed")
+        if options.task not in ("transcribe", "translate"):
+            raise JobError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"unknown task {options.task!r}: use 'transcribe' or 'translate'")
+        prompt: list[int] = []
+        if options.initial_prompt:
+            text = " " + options.initial_prompt.strip()
+            # whisper keeps at most half the text context for the prompt
+            prompt = self._tokenizer.encode(text)[-(self.model.dims.n_text_ctx // 2 - 1):]
+        job = _Job(options, cancel, prompt, max_pending=max(2 * self.batch_size, 4))
+        return self._results(job, iter(windows))
+
+    def _results(self, job: _Job, windows: Iterator[Any]) -> Iterator[WindowResult]:
+        with self._cv:
+            self._jobs.append(job)
+        feeder = threading.Thread(target=self._feed, args=(job, windows), name="engine-feeder",
+                                  daemon=True)
+        feeder.start()
+        try:
+            while True:
+                with self._cv:
+                    while True:
+                        if job.cancel.is_set():
+                            raise Cancelled()
+                        if job.error is not None:
+                            raise job.error
+                        if job.order and job.order[0].done:
+                            state = job.order.popleft()
+                            break
+                        if job.feed_done and not job.order:
+                            return
+                        if not self.running:
+                            raise JobError(grpc.StatusCode.UNAVAILABLE,
+                                           "the server is shutting down; submit the job again")
+                        self._cv.wait(0.1)
+                yield state.result()
+        finally:
+            with self._cv:
+                job.closed = True
+                job.pending.clear()
+                if job in self._jobs:
+                    self._jobs.remove(job)
+                self._cv.notify_all()
+
+    def _feed(self, job: _Job, windows: Iterator[Any]) -> None:
+        try:
+            for window in windows:
+                with self._cv:
+                    while job.queued >= job.max_pending and not job.dead:
+                        self._cv.wait(0.1)
+                    if job.dead:
+                        return
+                    state = _WindowState(window)
+                    job.order.append(state)
+                    job.pending.append(_Item(job, state))
+                    job.queued += 1
+                    self._cv.notify_all()
+        except JobError as e:
+            job.error = e
+        except Exception as e:  # a decoder or segmenter bug must not hang the job
+            job.error = JobError(grpc.StatusCode.INTERNAL, f"reading the audio failed: {e}")
+        finally:
+            with self._cv:
+                job.feed_done = True
+                self._cv.notify_all()
+
+    # --- the worker side -------------------------------------------------------------------------
+    def _run(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)
+        while True:
+            batch = self._take_batch()
+            if batch is None:
+                return
+            if batch:
+                self._process(batch)
+
+    def _take_batch(self) -> list[_Item] | None:
+        """Up to batch_size items, round-robin over jobs; None when stopping."""
+        with self._cv:
+            while True:
+                if self._stopping:
+                    return None
+                live = [j for j in self._jobs if not j.dead and j.pending]
+                if live:
+                    break
+                self._cv.wait(0.2)
+            waiting = sum(len(j.pending) for j in live)
+            feeding = any(not j.feed_done for j in self._jobs if not j.dead)
+            if waiting < self.batch_size and feeding and self.linger > 0:
+                self._cv.wait(self.linger)  # let feeders top the batch up
+                live = [j for j in self._jobs if not j.dead and j.pending]
+                if not live:
+                    return []
+            n = len(live)
+            start = self._rr % n
+            order = live[start:] + live[:start]
+            self._rr += 1
+            key = self._key(order[0].pending[0])
+            batch: list[_Item] = []
+            while len(batch) < self.batch_size:
+                took = False
+                for job in order:
+                    if job.pending and len(batch) < self.batch_size:
+                        if self._key(job.pending[0]) != key:
+                            continue
+                        batch.append(job.pending.popleft())
+                        took = True
+                if not took:
+                    break
+            return batch
+
+    def _key(self, item: _Item) -> tuple[Any, ...]:
+        # rows of one batch need initial token sequences of one length
+        return (len(item.job.prompt),)
+
+    def _process(self, items: list[_Item]) -> None:
+        try:
+            self._decode(items)
+        except torch.cuda.OutOfMemoryError:
+            torch.cuda.empty_cache()
+            if len(items) == 1:
+                self._fail([items[0].job], JobError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    "out of GPU memory decoding a single window; free GPU memory or use a "
+                    "smaller model"))
+                return
+            with self._cv:
+                self.stats.oom_splits += 1
+            half = len(items) // 2
+            self.batch_size = max(1, min(self.batch_size, half))
+            self._process(items[:half])
+            self._process(items[half:])
+        except Exception as e:
+            self._fail({id(i.job): i.job for i in items}.values(),
+                       JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {e}"))
+        finally:
+            if self.cuda:
+                torch.cuda.empty_cache()
+
+    def _fail(self, jobs: Iterable[_Job], error: JobError) -> None:
+        with self._cv:
+            for job in jobs:
+                if job.error is None:
+                    job.error = error
+            self._cv.notify_all()
+
+    def _initial_tokens(self, job: _Job, language: str) -> list[int]:
+        if self._multilingual:
+            tok = get_tokenizer(True, num_languages=self.model.num_languages,
+                                language=language, task=job.options.task)
+        else:
+            tok = self._tokenizer
+        initial = list(tok.sot_sequence)
+        if job.prompt:
+            initial = [tok.sot_prev] + job.prompt + initial
+        return initial
+
+    def _decode(self, items: list[_Item]) -> None:
+        bd = self._decoder
+        audio = [it.state.window.samples[it.offset:] for it in items]
+        features = bd.encode(audio)
+        languages = ["en"] * len(items)
+        if self._multilingual:
+            unknown = [i for i, it in enumerate(items) if not it.job.options.language]
+            detected = bd.detect_language(features[unknown]) if unknown else []
+            for i, lang in zip(unknown, detected, strict=True):
+                languages[i] = lang
+            for i, it in enumerate(items):
+                languages[i] = it.job.options.language or languages[i]
+        initial = torch.tensor([self._initial_tokens(it.job, lang)
+                                for it, lang in zip(items, languages, strict=True)])
+        sot_index = initial[0].tolist().index(self._tokenizer.sot)
+        temps = [it.job.options.temperatures[it.temp_index] for it in items]
+        jobs = [it.job for it in items]
+        rows = bd.decode(features, initial, temps, sot_index=sot_index,
+                         should_stop=lambda: all(j.dead for j in jobs))
+        with self._cv:
+            self.stats.batches += 1
+            self.stats.rows += len(items)
+            if len({id(j) for j in jobs}) > 1:
+                self.stats.mixed_job_batches += 1
+            for it, row, lang in zip(items, rows, languages, strict=True):
+                if not it.job.dead:
+                    it.state.language = lang
+                    self._finish_row(it, row)
+            self._cv.notify_all()
+
+    def _finish_row(self, it: _Item, row: RowResult) -> None:
+        """Whisper's fallback rule, then segments or a re-queue. Called under the lock."""
+        opts = it.job.options
+        text = self._tokenizer.decode([t for t in row.tokens if t < self._tokenizer.eot])
+        ratio = compression_ratio(text)
+        avg = row.avg_logprob
+        failed = row.looped
+        max_ratio = opts.compression_ratio_threshold
+        if max_ratio is not None and ratio > max_ratio:
+            failed = True
+        if opts.logprob_threshold is not None and avg < opts.logprob_threshold:
+            failed = True
+        silence = (opts.no_speech_threshold is not None
+                   and row.no_speech_prob > opts.no_speech_threshold
+                   and opts.logprob_threshold is not None and avg < opts.logprob_threshold)
+        if failed and not silence and it.temp_index + 1 < len(opts.temperatures):
+            self.stats.fallbacks += 1
+            it.job.pending.appendleft(_Item(it.job, it.state, it.offset, it.temp_index + 1))
+            return
+        no_speech = opts.no_speech_threshold
+        skip = no_speech is not None and row.no_speech_prob > no_speech
+        if skip and opts.logprob_threshold is not None and avg > opts.logprob_threshold:
+            skip = False
+        temperature = opts.temperatures[it.temp_index]
+        state = it.state
+        if not skip:
+            segs, consumed = self._segments(it, row, ratio, temperature)
+            state.segments.extend(segs)
+            tail = len(state.window.samples) - (it.offset + consumed)
+            if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
+                    and state.continuations < MAX_CONTINUATIONS):
+                # the decode stopped before the window's end (whisper would seek there)
+                state.continuations += 1
+                self.stats.continuations += 1
+                it.job.pending.appendleft(_Item(it.job, state, it.offset + consumed, 0))
+                return
+        state.outstanding -= 1
+        if state.done:
+            it.job.queued -= 1
+            self.stats.windows += 1
+
+    def _segments(self, it: _Item, row: RowResult, ratio: float,
+                  temperature: float) -> tuple[list[SegmentResult], int]:
+        """Split a row's tokens into segments at timestamp pairs, as whisper's transcribe() does.
+        Returns the segments (absolute times) and how many samples of the input they consumed."""
+        tok = self._tokenizer
+        tb = tok.timestamp_begin
+        tokens = row.tokens
+        window = it.state.window
+        base = window.start_sample + it.offset
+        limit = window.start_sample + len(window.samples)
+        available = len(window.samples) - it.offset
+        is_ts = [t >= tb for t in tokens]
+        single_end = is_ts[-2:] == [False, True]
+        cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
+        pieces: list[tuple[int, int, list[int]]] = []  # (start samples, end samples, tokens)
+        if cuts:
+            slices = cuts + ([len(tokens)] if single_end else [])
+            last = 0
+            for cur in slices:
+                part = tokens[last:cur]
+                s = (part[0] - tb) * SAMPLES_PER_TOKEN
+                e = (part[-1] - tb) * SAMPLES_PER_TOKEN
+                pieces.append((s, e, part))
+                last = cur
+            consumed = available if single_end else (tokens[last - 1] - tb) * SAMPLES_PER_TOKEN
+        else:
+            stamps = [t for t in tokens if t >= tb]
+            end = available
+            if stamps and stamps[-1] != tb:
+                end = (stamps[-1] - tb) * SAMPLES_PER_TOKEN
+            pieces.append((0, end, tokens))
+            consumed = available
+        segs = []
+        for s, e, part in pieces:
+            text = tok.decode([t for t in part if t < tok.eot]).strip()
+            if not text:
+                continue
+            start = min(base + s, limit)
+            end = min(max(base + e, start), limit)
+            segs.append(SegmentResult(
+                start=round(start / SAMPLE_RATE, 3), end=round(end / SAMPLE_RATE, 3), text=text,
+                avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
+                compression_ratio=ratio, temperature=temperature))
+        return segs, int(min(consumed, available))
+
+
+def transcript_text(results: Iterable[WindowResult]) -> str:
+    """The plain text of window results, in order (for tests and tools)."""
+    return " ".join(s.text for r in results for s in r.segments)
+
+

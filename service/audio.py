@@ -287,8 +287,11 @@ class AudioStreamContext:
                 raise JobError(grpc.StatusCode.NOT_FOUND, f"media file not found: {self.source}")
             if self.source.stat().st_size == 0:
                 raise invalid(f"the media file is empty: {self.source.name}")
+        # An absolute path can never be read as a protocol ("concat:", "http:"), and the
+        # whitelist stops playlists inside "media" (HLS, ffconcat) from reaching the network.
+        source = "pipe:0" if self.growing is not None else os.fspath(self.source.absolute())
         cmd = [ffmpeg_binary(), "-nostdin", "-hide_banner", "-loglevel", "error",
-               "-i", "pipe:0" if self.growing is not None else os.fspath(self.source),
+               "-protocol_whitelist", "file,pipe", "-i", source,
                "-map", "0:a:0", "-vn", "-sn", "-dn", "-ac", "1", "-ar", str(SAMPLE_RATE),
                "-f", "s16le", "pipe:1"]
         self._proc = subprocess.Popen(

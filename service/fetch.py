@@ -11,13 +11,17 @@ Control: yt-dlp's own retries are off; tenacity retries transient failures (conn
 timeouts, HTTP 408/429/5xx) with bounded attempts, total time and exponential backoff. The
 progress hook enforces the size limit and disk space; cancellation shuts the open sockets down
 from a watcher thread, so a stalled read ends at once rather than at the socket timeout.
-Everything is written to a private temp folder inside `dest_dir`, removed however the call ends.
+Everything is written to a private work folder inside `dest_dir`, removed however the call ends.
+The folder holds an flock while in use; one left behind by a killed process (no lock held) is
+adopted by the next download of the same URL, which then resumes the partial file with a Range
+request instead of starting again.
 """
 
 from __future__ import annotations
 
 import contextlib
 import errno
+import fcntl
 import logging
 import os
 import shutil
@@ -441,6 +445,58 @@ def _watch(cancel: threading.Event, guard: _Guard, done: threading.Event) -> Non
             return
 
 
+_URL_FILE = "url"
+_LOCK_FILE = ".lock"
+
+
+def _try_lock(folder: Path) -> int | None:
+    """An fd holding an exclusive flock on `folder`'s lock file, or None when it is in use."""
+    try:
+        fd = os.open(folder / _LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
+def _claim_work_dir(dest: Path, url: str) -> tuple[Path, int]:
+    """A locked work folder for `url`: an abandoned one for the same URL (to resume its partial
+    file), else a new one. Abandoned folders of other URLs are removed; locked ones are left."""
+    adopted: tuple[Path, int] | None = None
+    for folder in sorted(dest.glob(".fetch-*")):
+        if not folder.is_dir() or folder.is_symlink():
+            continue
+        fd = _try_lock(folder)
+        if fd is None:
+            continue  # another download is using it
+        try:
+            same = (folder / _URL_FILE).read_text() == url
+        except OSError:
+            same = False
+        if same and adopted is None:
+            adopted = (folder, fd)
+            log.info("resuming the interrupted download of %s", url)
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        os.close(fd)
+    if adopted is not None:
+        return adopted
+    # made under another name and renamed once locked, so no one sees it unlocked
+    staging = Path(tempfile.mkdtemp(prefix=".new-fetch-", dir=dest))
+    (staging / _URL_FILE).write_text(url)
+    fd = _try_lock(staging)
+    if fd is None:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise JobError(grpc.StatusCode.INTERNAL, f"could not lock the work folder {staging}")
+    work = dest / ("." + staging.name.removeprefix(".new-"))
+    staging.rename(work)
+    return work, fd
+
+
 def _unique(dest_dir: Path, suffix: str) -> Path:
     for n in range(10_000):
         candidate = dest_dir / (f"download{suffix}" if n == 0 else f"download-{n}{suffix}")
@@ -475,7 +531,7 @@ def download(
     policy = retry_policy or RetryPolicy()
     dest = Path(dest_dir)
     dest.mkdir(parents=True, exist_ok=True)
-    work = Path(tempfile.mkdtemp(prefix=".fetch-", dir=dest))
+    work, lock_fd = _claim_work_dir(dest, url)
     guard = _Guard(allow_private_networks, allow_endpoints, cancel)
     done = threading.Event()
     watcher = None
@@ -529,3 +585,4 @@ def download(
         if watcher is not None:
             watcher.join()
         shutil.rmtree(work, ignore_errors=True)
+        os.close(lock_fd)  # after the removal, so no one adopts a half-deleted folder

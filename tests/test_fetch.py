@@ -3,7 +3,11 @@ cancellation and SSRF refusals (including redirects and DNS answers)."""
 
 from __future__ import annotations
 
+import fcntl
+import os
 import ssl
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -16,7 +20,7 @@ import trustme
 from longscribe.service import fetch, netguard
 from longscribe.service.errors import Cancelled, JobError
 
-from tests.conftest import JFK, ffmpeg, require_testdata
+from tests.conftest import JFK, ROOT, ffmpeg, require_testdata
 from tests.httpserver import LocalServer, serve_directory
 
 FAST = fetch.RetryPolicy(max_total_seconds=20.0, initial_wait=0.05, max_wait=0.2)
@@ -308,3 +312,60 @@ def test_page_embedding_private_media_is_refused(
                      allow_endpoints={("127.0.0.1", site.port)})
         assert err.code == grpc.StatusCode.PERMISSION_DENIED
         assert site.hits("embed.html") == 1 and server.hits() == 0
+
+
+_CHILD = """
+import sys
+from longscribe.service import fetch
+fetch.download(sys.argv[1], sys.argv[2], allow_private_networks=True)
+"""
+
+
+def test_download_killed_mid_way_resumes_in_the_next_call(
+    server: LocalServer, media: Path, tmp_path: Path
+) -> None:
+    """A server killed with SIGKILL mid-download leaves its work folder; the next download of
+    the same URL adopts it and asks only for the missing bytes."""
+    server.throttle(20_000, chunk=2048)
+    url = server.url_for("jfk.mp3")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, url, str(tmp_path)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            parts = list(tmp_path.glob(".fetch-*/*.part"))
+            if parts and parts[0].stat().st_size >= 20_000:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the child's download never got going")
+    finally:
+        child.kill()
+        child.wait()
+    on_disk = parts[0].stat().st_size
+    server.throttle(None)
+    path = _get(url, tmp_path)
+    assert path.read_bytes() == (media / "jfk.mp3").read_bytes()
+    ranges = [h.range for h in server.log if h.status == 206]
+    assert ranges and int(ranges[-1].removeprefix("bytes=").rstrip("-")) >= on_disk
+    assert list(tmp_path.iterdir()) == [path]
+
+
+def test_a_work_folder_in_use_is_left_alone(server: LocalServer, tmp_path: Path) -> None:
+    busy = tmp_path / ".fetch-busy"
+    busy.mkdir()
+    (busy / "url").write_text(server.url_for("jfk.mp3"))
+    (busy / "media.mp3.part").write_bytes(b"someone else's partial download")
+    holder = os.open(busy / ".lock", os.O_RDWR | os.O_CREAT)
+    try:
+        fcntl.flock(holder, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        path = _get(server.url_for("jfk.mp3"), tmp_path)
+        assert (busy / "media.mp3.part").is_file()  # not adopted, not deleted
+        assert path.parent == tmp_path
+        assert not [h for h in server.log if h.status == 206]  # a fresh download
+    finally:
+        os.close(holder)
+    stale = tmp_path / ".fetch-stale"
+    stale.mkdir()
+    (stale / "url").write_text("http://elsewhere.example/other.mp3")
+    _get(server.url_for("jfk.mp3"), tmp_path)
+    assert not stale.exists()  # abandoned and for another URL: removed

@@ -396,10 +396,12 @@ class AudioStreamContext:
         """Fill `buf` from `fd`; return bytes read (less than asked only at end of stream)."""
         filled = 0
         size = len(buf)
+        # poll, not select: a busy server can hold file descriptors above select's 1024 limit.
+        poller = select.poll()
+        poller.register(fd, select.POLLIN | select.POLLHUP | select.POLLERR)
         while filled < size:
             self._check_cancel()
-            ready, _, _ = select.select([fd], [], [], _READ_POLL_SECONDS)
-            if not ready:
+            if not poller.poll(_READ_POLL_SECONDS * 1000):
                 continue
             n = os.readv(fd, [buf[filled:]])
             if n == 0:

@@ -82,7 +82,8 @@ class CT2ImportError(ValueError):
 
 @dataclass
 class CT2ModelFile:
-    """The parsed contents of a `model.bin`: arrays in their stored dtype, aliases resolved."""
+    """The parsed contents of a `model.bin`: arrays in their stored dtype (bfloat16 widened to
+    float32); `aliases` maps a name to the stored variable it shares (see `with_aliases`)."""
 
     binary_version: int
     spec: str
@@ -136,7 +137,7 @@ class _Reader:
 
 
 def read_model_bin(path: str | Path) -> CT2ModelFile:
-    """Parse a CTranslate2 `model.bin`. Aliases are returned and also filled into `variables`."""
+    """Parse a CTranslate2 `model.bin`."""
     path = Path(path)
     try:
         fp = path.open("rb")
@@ -162,8 +163,18 @@ def read_model_bin(path: str | Path) -> CT2ModelFile:
         for alias, target in model.aliases.items():
             if target not in model.variables:
                 raise CT2ImportError(f"{path}: alias {alias} points at missing {target}")
-            model.variables[alias] = model.variables[target]
     return model
+
+
+def with_aliases(
+    variables: dict[str, np.ndarray], aliases: dict[str, str]
+) -> dict[str, np.ndarray]:
+    """Variables plus every alias, sharing its target's array. Resolve after `dequantized`:
+    an alias has no scale of its own (CTranslate2 aliases before it quantizes)."""
+    out = dict(variables)
+    for alias, target in aliases.items():
+        out[alias] = variables[target]
+    return out
 
 
 def _read_variable(r: _Reader, version: int, path: Path) -> tuple[str, np.ndarray]:
@@ -418,7 +429,7 @@ def import_ct2_model(model_dir: str | Path) -> Whisper:
     ct2 = read_model_bin(model_dir / MODEL_FILE)
     if ct2.spec and ct2.spec != "WhisperSpec":
         raise CT2ImportError(f"{model_dir} holds a {ct2.spec} model, not a Whisper model")
-    variables = dequantized(ct2.variables)
+    variables = with_aliases(dequantized(ct2.variables), ct2.aliases)
     dims = infer_dims(variables)
     state = whisper_state_dict(variables, dims)
 

@@ -213,7 +213,8 @@ class AudioStreamContext:
 
     - `chunk_seconds`: the cap on a chunk's duration; the real size is
       `adaptive_chunk_seconds(chunk_seconds)` (and at most a pool buffer when `buffer_pool`).
-    - `work_dir`: the job's temp folder; made (and removed on exit) when not given.
+    - `work_dir`: ffmpeg's working folder; one the context makes (a temp dir when not given,
+      or the given path when it did not exist) is removed on exit; an existing one is kept.
     - `cancel`: a threading.Event; checked between reads, raises `errors.Cancelled`.
     - `growing`: a threading.Event the writer sets when `source` is complete; until then the
       file is tailed and piped to ffmpeg (only for containers `can_stream_while_growing`).
@@ -243,8 +244,7 @@ class AudioStreamContext:
         if buffer_pool is not None:
             samples = min(samples, buffer_pool.buffer_samples)
         self.chunk_samples = samples
-        self._given_work_dir = Path(work_dir) if work_dir is not None else None
-        self.work_dir: Path | None = self._given_work_dir
+        self.work_dir: Path | None = Path(work_dir) if work_dir is not None else None
         self._owns_work_dir = False
         self.bytes_in = 0
         self.samples_out = 0
@@ -280,8 +280,9 @@ class AudioStreamContext:
         if self.work_dir is None:
             self.work_dir = Path(tempfile.mkdtemp(prefix="longscribe-audio-"))
             self._owns_work_dir = True
-        else:
-            self.work_dir.mkdir(parents=True, exist_ok=True)
+        elif not self.work_dir.is_dir():
+            self.work_dir.mkdir(parents=True)
+            self._owns_work_dir = True  # we made it, so it goes with us
         if self.growing is None:
             if not self.source.is_file():
                 raise JobError(grpc.StatusCode.NOT_FOUND, f"media file not found: {self.source}")

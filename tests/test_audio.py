@@ -159,6 +159,7 @@ def test_cancel_mid_stream_kills_ffmpeg_and_removes_work_dir() -> None:
 
 def test_exception_inside_with_cleans_up(tmp_path: Path) -> None:
     given = tmp_path / "job-tmp"
+    given.mkdir()
     with pytest.raises(RuntimeError, match="consumer broke"):  # noqa: SIM117 (shows the order)
         with AudioStreamContext(LJ, chunk_seconds=1.0, work_dir=given) as ctx:
             (given / "scratch.bin").write_bytes(b"x")
@@ -174,6 +175,12 @@ def test_exception_inside_with_cleans_up(tmp_path: Path) -> None:
         raise RuntimeError("boom")
     assert own is not None and not own.exists()
     assert not ffmpeg_children()
+
+    made = tmp_path / "made-here"  # did not exist: the context creates it, so removes it
+    with pytest.raises(RuntimeError), AudioStreamContext(JFK, work_dir=made) as ctx:
+        assert made.is_dir()
+        raise RuntimeError("boom")
+    assert not made.exists()
 
 
 def test_growing_file_decodes_while_written(tmp_path: Path, lj_mp3: Path) -> None:

@@ -125,7 +125,8 @@ class _Guard:
                 conn._dns_host, conn.port, self.allow_private_networks, self.allow_endpoints
             )
         except JobError as e:
-            self.fail(e)
+            if e.code != grpc.StatusCode.UNAVAILABLE:  # a DNS hiccup stays retryable
+                self.fail(e)
             raise NewConnectionError(conn, e.message) from None
         last: OSError | None = None
         for address in addresses:
@@ -386,7 +387,13 @@ class _Attempt:
             self._checked_disk_at = done
             self._disk(max((total or 0) - done, 0))
         if self.on_progress is not None:
-            self.on_progress(FetchProgress(done, total, d.get("speed"), d.get("eta")))
+            try:
+                self.on_progress(FetchProgress(done, total, d.get("speed"), d.get("eta")))
+            except JobError as e:  # the caller wants the download stopped
+                self.guard.fail(e)
+                raise _Stop() from None
+            except Exception:  # a display bug must not fail the download
+                log.exception("the download progress callback failed")
 
     def _vet(self, info: dict[str, Any]) -> None:
         kind = info.get("_type", "video")
@@ -530,8 +537,13 @@ def download(
         raise Cancelled("the download was cancelled")
     policy = retry_policy or RetryPolicy()
     dest = Path(dest_dir)
-    dest.mkdir(parents=True, exist_ok=True)
-    work, lock_fd = _claim_work_dir(dest, url)
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+        work, lock_fd = _claim_work_dir(dest, url)
+    except OSError as e:
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else (
+            grpc.StatusCode.INTERNAL)
+        raise JobError(code, f"the server cannot write to its download folder: {e}") from e
     guard = _Guard(allow_private_networks, allow_endpoints, cancel)
     done = threading.Event()
     watcher = None

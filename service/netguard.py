@@ -135,6 +135,14 @@ def resolve_checked(
     address is refused (the connection could land on either)."""
     try:
         addresses = resolve(host, port)
+    except socket.gaierror as e:
+        if e.errno == socket.EAI_AGAIN:
+            raise JobError(
+                grpc.StatusCode.UNAVAILABLE, f"temporary failure resolving {host!r}; try again"
+            ) from e
+        raise JobError(
+            grpc.StatusCode.INVALID_ARGUMENT, f"the host name {host!r} could not be resolved ({e})"
+        ) from e
     except (OSError, UnicodeError) as e:
         raise JobError(
             grpc.StatusCode.INVALID_ARGUMENT, f"the host name {host!r} could not be resolved ({e})"

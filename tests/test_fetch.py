@@ -369,3 +369,42 @@ def test_a_work_folder_in_use_is_left_alone(server: LocalServer, tmp_path: Path)
     (stale / "url").write_text("http://elsewhere.example/other.mp3")
     _get(server.url_for("jfk.mp3"), tmp_path)
     assert not stale.exists()  # abandoned and for another URL: removed
+
+
+def test_cancel_during_retry_backoff(server: LocalServer, tmp_path: Path) -> None:
+    server.fail_always("jfk.mp3", 500)
+    cancel = threading.Event()
+    threading.Timer(0.5, cancel.set).start()
+    slow = fetch.RetryPolicy(max_total_seconds=60, initial_wait=30, max_wait=30)
+    started = time.monotonic()
+    with pytest.raises(Cancelled):
+        _get(server.url_for("jfk.mp3"), tmp_path, cancel=cancel, retry_policy=slow)
+    assert time.monotonic() - started < 1.5
+    assert server.hits("jfk.mp3") == 1 and list(tmp_path.iterdir()) == []
+
+
+def test_proxy_environment_is_ignored(
+    server: LocalServer, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # a proxy would connect on our behalf, past the address check: it must never be used
+    for name in ("http_proxy", "HTTP_PROXY", "https_proxy", "HTTPS_PROXY", "all_proxy"):
+        monkeypatch.setenv(name, "http://127.0.0.1:9")  # nothing listens there
+    monkeypatch.delenv("no_proxy", raising=False)
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    assert _get(server.url_for("jfk.mp3"), tmp_path).is_file()
+
+
+def test_a_failing_progress_callback_does_not_fail_the_download(
+    server: LocalServer, tmp_path: Path
+) -> None:
+    def broken(_: fetch.FetchProgress) -> None:
+        raise ZeroDivisionError("display bug")
+
+    assert _get(server.url_for("jfk.mp3"), tmp_path, on_progress=broken).is_file()
+
+
+def test_unwritable_destination_is_a_clear_error(server: LocalServer, tmp_path: Path) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    err = _fails(server.url_for("jfk.mp3"), blocker / "sub")
+    assert err.code == grpc.StatusCode.INTERNAL and "download folder" in err.message

@@ -14,12 +14,14 @@ import psutil
 import pytest
 from longscribe.service.audio import (
     SAMPLE_RATE,
+    AudioChunk,
     AudioStreamContext,
     adaptive_chunk_seconds,
     can_stream_while_growing,
     probe_duration,
 )
 from longscribe.service.buffers import BufferPool
+from longscribe.service.chunk_queue import AudioChunkQueue, OverflowPolicy, QueueClosed
 from longscribe.service.errors import Cancelled, JobError
 
 TESTDATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
@@ -62,13 +64,14 @@ def lj_mp3(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return path
 
 
-def test_jfk_chunks_are_exact_and_contiguous() -> None:
+@pytest.mark.parametrize("chunk_seconds", [3.0, 1.2345])
+def test_jfk_chunks_are_exact_and_contiguous(chunk_seconds: float) -> None:
     reference = one_shot_decode(JFK)
     duration = probe_duration(JFK)
     assert duration is not None
-    with AudioStreamContext(JFK, chunk_seconds=3.0) as ctx:
+    with AudioStreamContext(JFK, chunk_seconds=chunk_seconds) as ctx:
         chunks = list(ctx.chunks())
-        assert ctx.chunk_samples == 3 * SAMPLE_RATE
+        assert ctx.chunk_samples == round(chunk_seconds * SAMPLE_RATE)
     # Stereo 44.1 kHz in, 16 kHz mono out: the sample count matches the container duration.
     total = sum(c.num_samples for c in chunks)
     assert abs(total - duration * SAMPLE_RATE) <= 1
@@ -270,6 +273,43 @@ def test_buffer_pool_reuses_without_overwriting_held_chunks() -> None:
     np.testing.assert_array_equal(held.samples, reference[:SAMPLE_RATE])
     assert pool.allocations <= 3
     assert pool.reuses >= 35
+
+
+def test_pooled_chunks_through_a_blocking_queue() -> None:
+    """Decoder thread -> bounded BLOCK queue -> consumer, with pooled buffers: every sample
+    arrives intact and in order while a handful of buffers are recycled."""
+    reference = one_shot_decode(LJ)
+    pool = BufferPool(buffer_samples=2 * SAMPLE_RATE, max_buffers=4)
+    q: AudioChunkQueue[AudioChunk] = AudioChunkQueue(2, OverflowPolicy.BLOCK, name="decode")
+    failure: list[BaseException] = []
+
+    def produce() -> None:
+        try:
+            with AudioStreamContext(LJ, buffer_pool=pool) as ctx:
+                for chunk in ctx.chunks():
+                    q.put(chunk)
+        except BaseException as e:  # noqa: BLE001 - handed to the test thread
+            failure.append(e)
+        finally:
+            q.close()
+
+    producer = threading.Thread(target=produce)
+    producer.start()
+    expected_start = 0
+    while True:
+        try:
+            chunk = q.get(timeout=30)
+        except QueueClosed:
+            break
+        assert chunk.start_sample == expected_start
+        np.testing.assert_array_equal(chunk.samples, reference[expected_start:chunk.end_sample])
+        expected_start = chunk.end_sample
+        chunk.release()
+        del chunk
+    producer.join(timeout=30)
+    assert not failure
+    assert expected_start == len(reference)
+    assert pool.allocations <= 4 and pool.reuses > 100
 
 
 def _decode_peak_rss(path: Path) -> tuple[int, float, float]:

@@ -252,7 +252,7 @@ def infer_dims(variables: dict[str, np.ndarray]) -> ModelDimensions:
     n_text_head = _scalar(variables, "decoder/num_heads")
     if n_audio_head is None or n_text_head is None:
         raise CT2ImportError("not a Whisper model: the encoder/decoder head counts are missing")
-    return ModelDimensions(
+    dims = ModelDimensions(
         n_mels=int(conv1.shape[1]),
         n_audio_ctx=int(enc_pos.shape[0]),
         n_audio_state=int(conv1.shape[0]),
@@ -264,6 +264,12 @@ def infer_dims(variables: dict[str, np.ndarray]) -> ModelDimensions:
         n_text_head=n_text_head,
         n_text_layer=_count_layers(variables, "decoder"),
     )
+    if not (
+        dims.n_audio_layer and dims.n_text_layer and n_audio_head > 0 and n_text_head > 0
+        and dims.n_audio_state % n_audio_head == 0 and dims.n_text_state % n_text_head == 0
+    ):
+        raise CT2ImportError(f"inconsistent Whisper dimensions read from the weights: {dims}")
+    return dims
 
 
 def official_name(dims: ModelDimensions) -> str | None:
@@ -294,10 +300,9 @@ class _Mapper:
     def copy(self, whisper_name: str, ct2_name: str) -> None:
         self.put(whisper_name, self.take(ct2_name))
 
-    def linear(self, whisper_prefix: str, ct2_prefix: str, bias: bool = True) -> None:
+    def linear(self, whisper_prefix: str, ct2_prefix: str) -> None:
         self.copy(f"{whisper_prefix}.weight", f"{ct2_prefix}/weight")
-        if bias:
-            self.copy(f"{whisper_prefix}.bias", f"{ct2_prefix}/bias")
+        self.copy(f"{whisper_prefix}.bias", f"{ct2_prefix}/bias")
 
     def layer_norm(self, whisper_prefix: str, ct2_prefix: str) -> None:
         self.copy(f"{whisper_prefix}.weight", f"{ct2_prefix}/gamma")
@@ -310,8 +315,13 @@ class _Mapper:
         is exact even when it is not zero: q·b_k is the same for every key of a query, and
         softmax ignores a constant shift.
         """
-        weights = np.split(self.take(f"{ct2_prefix}/weight"), len(parts), axis=0)
-        biases = np.split(self.take(f"{ct2_prefix}/bias"), len(parts), axis=0)
+        weight, bias = self.take(f"{ct2_prefix}/weight"), self.take(f"{ct2_prefix}/bias")
+        if weight.ndim != 2 or weight.shape[0] % len(parts) or bias.shape != weight.shape[:1]:
+            raise CT2ImportError(
+                f"{ct2_prefix} has shape {list(weight.shape)}, not {len(parts)} fused projections"
+            )
+        weights = np.split(weight, len(parts), axis=0)
+        biases = np.split(bias, len(parts), axis=0)
         for part, weight, bias in zip(parts, weights, biases, strict=True):
             self.put(f"{whisper_prefix}.{part}.weight", weight)
             if part != "key":
@@ -371,7 +381,7 @@ def whisper_state_dict(
         embedding = variables["decoder/embeddings/weight"]
         if projection is not embedding and not np.array_equal(projection, embedding):
             raise CT2ImportError("the output projection is not tied to the token embedding")
-    if _scalar(variables, "decoder/projection/bias") is not None:
+    if "decoder/projection/bias" in variables:
         raise CT2ImportError("the output projection has a bias; openai-whisper has none")
 
     # Every weight must have found a home; leftovers mean a variant (e.g. low-rank Lite-Whisper).
@@ -434,8 +444,11 @@ def import_ct2_model(model_dir: str | Path) -> Whisper:
     state = whisper_state_dict(variables, dims)
 
     model = Whisper(dims)
-    # strict: every whisper parameter/buffer is filled and nothing is left over.
-    model.load_state_dict(state, strict=True)
+    try:
+        # strict: every whisper parameter/buffer is filled and nothing is left over.
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as exc:  # a weight whose shape disagrees with the inferred dims
+        raise CT2ImportError(f"weights do not fit a Whisper model of {dims}: {exc}") from exc
     dump = alignment_heads_dump(read_config(model_dir), dims)
     if dump is not None:
         model.set_alignment_heads(dump)

@@ -289,6 +289,15 @@ def test_weights_whisper_cannot_hold_are_refused(tiny, tmp_path: Path) -> None:
     with pytest.raises(CT2ImportError, match="not tied"):
         ct2_import.import_ct2_model(untied)
 
+    reshaped = tmp_path / "reshaped"
+    reshaped.mkdir()
+    name = "decoder/layer_1/ffn/linear_0/weight"
+    odd = [(n, np.zeros((1000, 384), np.float16), t) if n == name else (n, v, t)
+           for n, v, t in stored]
+    write_model_bin(reshaped / "model.bin", odd, list(tiny.aliases.items()))
+    with pytest.raises(CT2ImportError, match="do not fit a Whisper model"):
+        ct2_import.import_ct2_model(reshaped)
+
     missing = tmp_path / "missing_layer"
     missing.mkdir()
     dropped = [v for v in stored if v[0] != "decoder/layer_2/attention/linear_2/weight"]

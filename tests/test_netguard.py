@@ -6,6 +6,8 @@ import ipaddress
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from longscribe.service import netguard
 from longscribe.service.errors import JobError
 
@@ -105,3 +107,15 @@ def test_allow_endpoints_permits_exactly_that_port() -> None:
     assert _code("http://127.0.0.1:8081/x", allow_endpoints=allowed) == (
         grpc.StatusCode.PERMISSION_DENIED
     )
+
+
+@given(st.ip_addresses())
+@settings(max_examples=500, deadline=None)
+def test_any_ip_literal_is_allowed_exactly_when_public(address: ipaddress._BaseAddress) -> None:
+    host = f"[{address}]" if address.version == 6 else str(address)
+    code = _code(f"http://{host}:8080/a.mp3")
+    public = netguard.blocked_reason(address) is None
+    assert code == (None if public else grpc.StatusCode.PERMISSION_DENIED)
+    if public:  # never lets through anything Python itself knows to be non-public
+        assert address.is_global and not address.is_multicast
+    assert _code(f"http://{host}:8080/a.mp3", allow=True) is None

@@ -7,6 +7,8 @@ from pathlib import Path
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from longscribe.service.errors import JobError
 from longscribe.service.paths import resolve_media_path
 
@@ -79,3 +81,29 @@ def test_missing_directory_and_odd_names(layout: tuple[Path, Path]) -> None:
     os.mkfifo(root / "pipe")
     assert _code(root, "pipe") == grpc.StatusCode.INVALID_ARGUMENT
     assert _code(root.parent / "no-such-root", "a.mp3") == grpc.StatusCode.FAILED_PRECONDITION
+
+
+@pytest.fixture(scope="module")
+def fuzz_root(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    base = tmp_path_factory.mktemp("fuzz")
+    root = base / "media"
+    (root / "a").mkdir(parents=True)
+    (root / "a" / "f.mp3").write_bytes(b"x")
+    (base / "outside.mp3").write_bytes(b"secret")
+    (root / "out").symlink_to(base)
+    (root / "in").symlink_to(root / "a")
+    return root
+
+
+@given(st.lists(st.sampled_from(["a", "f.mp3", "..", ".", "out", "in", "outside.mp3", "", "\\",
+                                 "/", "\x00", "~", "%2e%2e"]), min_size=1, max_size=6))
+@settings(max_examples=300, deadline=None)
+def test_random_paths_never_escape(fuzz_root: Path, parts: list[str]) -> None:
+    relative = "/".join(parts)
+    try:
+        path = resolve_media_path(fuzz_root, relative)
+    except JobError as e:
+        assert e.code in {grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.NOT_FOUND,
+                          grpc.StatusCode.INVALID_ARGUMENT}
+        return
+    assert path.is_file() and path.is_relative_to(fuzz_root.resolve())

@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
+import re
+from pathlib import Path, PurePosixPath
 
 import grpc
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from longscribe.service.errors import JobError
 from longscribe.service.uploads import UploadWriter, sanitize_filename
 
@@ -90,3 +93,12 @@ def test_long_names_are_bounded_and_names_never_collide(tmp_path: Path) -> None:
             up.write(b"1")
         paths.append(up.path)
     assert paths[0] != paths[1] and all(p.parent == tmp_path for p in paths)
+
+
+@given(st.text(max_size=300))
+@settings(max_examples=300, deadline=None)
+def test_any_client_name_becomes_a_safe_one(name: str) -> None:
+    safe = sanitize_filename(name)
+    assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]*", safe), safe
+    assert ".." not in safe.split(".")[0] and len(safe) <= 100
+    assert PurePosixPath(safe).name == safe

@@ -99,16 +99,16 @@ def _transcribe_problem(ns: argparse.Namespace) -> str | None:
 def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
     options = make_options(ns.language, ns.task, ns.prompt)
     mode = "off" if ns.no_progress else ns.progress
+    view = make_progress(mode, sys.stderr)
     job_id = ""
 
     def started(job: pb.Job) -> None:
         nonlocal job_id
-        job_id = job.job_id
-        if mode != "off":
-            print(f"longscribe: job {job_id}", file=sys.stderr, flush=True)
+        job_id = job.job_id  # remembered so Ctrl-C can cancel it
+        view.message(f"longscribe: job {job_id}")
 
     try:
-        with make_progress(mode, sys.stderr) as view:
+        with view:
             if ns.detach:
                 job = client.submit(ns.source, options=options, request_id=ns.request_id,
                                     server_path=ns.server_path, on_upload=view.on_upload)
@@ -151,12 +151,18 @@ def cmd_get(ns: argparse.Namespace, client: LongscribeClient) -> int:
 
 
 def cmd_watch(ns: argparse.Namespace, client: LongscribeClient) -> int:
-    status = EXIT_OK
+    terminal: pb.JobEvent | None = None
     for event in client.watch(ns.job_id, from_index=ns.from_index):
         print(_json_line(event) if ns.json else event_line(event), flush=True)
-        if event.WhichOneof("event") == "error":
-            status = exit_code(status_code(event.error.code))
-    return status
+        if event.WhichOneof("event") in ("result", "error"):
+            terminal = event
+    if terminal is None:  # --from past the job's end: its outcome is in the job itself
+        job = client.get(ns.job_id)
+        failed = job.HasField("error") and job.state != pb.JOB_STATE_SUCCEEDED
+        return exit_code(status_code(job.error.code)) if failed else EXIT_OK
+    if terminal.HasField("error"):
+        return exit_code(status_code(terminal.error.code))
+    return EXIT_OK
 
 
 def cmd_cancel(ns: argparse.Namespace, client: LongscribeClient) -> int:

@@ -55,6 +55,9 @@ class ProgressView:
     def on_event(self, event: pb.JobEvent) -> None:
         """One of the job's events, in order."""
 
+    def message(self, text: str) -> None:
+        """A one-off line for the user (e.g. the job id), printed without breaking a bar."""
+
     def close(self) -> None:
         """Finish the display (idempotent)."""
 
@@ -98,6 +101,11 @@ class BarProgress(ProgressView):
     def on_upload(self, done: int, total: int) -> None:
         bar = self._bytes_bar("uploading", total)
         bar.update(done - bar.n)
+
+    def message(self, text: str) -> None:
+        if self._bytes is not None and self._bytes.desc == "uploading":
+            self._finish_bytes()  # the job exists, so the upload is complete
+        tqdm.write(text, file=self._file)
 
     def _audio_bar(self, desc: str, total: float) -> tqdm:
         if self._audio is None:
@@ -166,6 +174,9 @@ class LogProgress(ProgressView):
             return
         self._last_phase, self._last_time = phase, now
         print(f"longscribe: {phase}: {text}", file=self._file, flush=True)
+
+    def message(self, text: str) -> None:
+        print(text, file=self._file, flush=True)
 
     def on_upload(self, done: int, total: int) -> None:
         pct = f" ({100 * done / total:.0f}%)" if total else ""

@@ -164,6 +164,8 @@ class FakeService(pb_grpc.TranscriptionServiceServicer):
             context.abort(grpc.StatusCode.NOT_FOUND, f"no job {request.job_id!r}")
         job = self._job(request.job_id, events[-1].state)
         job.event_count = len(events)
+        if events[-1].HasField("error"):
+            job.error.CopyFrom(events[-1].error)
         if request.include_result and events[-1].HasField("result"):
             job.result.CopyFrom(events[-1].result)
         return job
@@ -529,11 +531,15 @@ def test_bar_progress_renders_both_bars_and_closes_them():
 def test_bar_progress_closes_on_error_and_on_exit():
     out = io.StringIO()
     view = BarProgress(out)
+    view.on_upload(10, 100)
+    view.message("longscribe: job job-1")
+    assert view._bytes is None  # the job exists: the upload bar is done
     for event in job_events(end="INVALID_ARGUMENT")[:6]:
         view.on_event(event)
     assert view._audio is not None
     view.on_event(job_events(end="INVALID_ARGUMENT")[-1])
     assert view._audio is None and view._bytes is None
+    assert "longscribe: job job-1\n" in out.getvalue()
     with BarProgress(io.StringIO()) as view2:
         view2.on_upload(10, 100)
     assert view2._bytes is None
@@ -722,6 +728,14 @@ def test_cli_jobs_watch_human_and_failed_exit(peer, capsys):
     assert lines[0].startswith("#0 queued")
     assert "[00:00.000 --> 00:30.000] words 0" in lines[4]
     assert lines[-1].endswith("error: RESOURCE_EXHAUSTED: the job ended RESOURCE_EXHAUSTED")
+
+
+def test_cli_jobs_watch_past_the_end_exits_with_the_jobs_outcome(peer, capsys):
+    service, target = peer
+    service.events[JOB] = job_events(end="CANCELLED")
+    n = len(service.events[JOB])
+    assert cli.main(["jobs", "watch", JOB, "--server", target, "--from", str(n)]) == 3
+    assert capsys.readouterr().out == ""
 
 
 def test_cli_jobs_list_get_cancel(peer, capsys):

@@ -7,9 +7,11 @@ server without torch or whisper."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import logging
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import grpc
@@ -75,6 +77,31 @@ def _json_line(message: object) -> str:
     return json_format.MessageToJson(message, indent=None)  # type: ignore[arg-type]
 
 
+class _CallbackHandler(logging.Handler):
+    def __init__(self, write: Callable[[str], None]) -> None:
+        super().__init__(logging.INFO)
+        self._write = write
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self._write(f"longscribe: {record.getMessage()}")
+
+
+@contextlib.contextmanager
+def _client_log(write: Callable[[str], None]) -> Iterator[None]:
+    """Show the client library's notices (reconnects) through `write`, e.g. above the bars."""
+    logger = logging.getLogger("longscribe.client")
+    handler = _CallbackHandler(write)
+    logger.addHandler(handler)
+    try:
+        yield
+    finally:
+        logger.removeHandler(handler)
+
+
+def _stderr_line(text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
 # -- commands ------------------------------------------------------------------------------
 
 
@@ -108,7 +135,7 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
         view.message(f"longscribe: job {job_id}")
 
     try:
-        with view:
+        with view, _client_log(view.message):
             if ns.detach:
                 job = client.submit(ns.source, options=options, request_id=ns.request_id,
                                     server_path=ns.server_path, on_upload=view.on_upload)
@@ -152,10 +179,11 @@ def cmd_get(ns: argparse.Namespace, client: LongscribeClient) -> int:
 
 def cmd_watch(ns: argparse.Namespace, client: LongscribeClient) -> int:
     terminal: pb.JobEvent | None = None
-    for event in client.watch(ns.job_id, from_index=ns.from_index):
-        print(_json_line(event) if ns.json else event_line(event), flush=True)
-        if event.WhichOneof("event") in ("result", "error"):
-            terminal = event
+    with _client_log(_stderr_line):
+        for event in client.watch(ns.job_id, from_index=ns.from_index):
+            print(_json_line(event) if ns.json else event_line(event), flush=True)
+            if event.WhichOneof("event") in ("result", "error"):
+                terminal = event
     if terminal is None:  # --from past the job's end: its outcome is in the job itself
         job = client.get(ns.job_id)
         failed = job.HasField("error") and job.state != pb.JOB_STATE_SUCCEEDED

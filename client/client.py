@@ -9,6 +9,7 @@ Only grpcio and protobuf are needed: nothing here imports the server packages.""
 from __future__ import annotations
 
 import json
+import logging
 import random
 import time
 import uuid
@@ -21,6 +22,8 @@ from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
 
 from .errors import LongscribeError
+
+log = logging.getLogger("longscribe.client")
 
 DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE_NAME = "longscribe.v1.TranscriptionService"
@@ -324,7 +327,13 @@ class LongscribeClient:
             failures += 1
             if failures > self.reconnect_attempts:
                 raise reason
-            time.sleep(self._backoff(failures))
+            delay = self._backoff(failures)
+            log.warning(
+                "lost the event stream of job %s (%s: %s); reconnecting from event %d in "
+                "%.1f s (attempt %d of %d)", job_id, reason.code_name, reason.message,
+                next_index, delay, failures, self.reconnect_attempts,
+            )
+            time.sleep(delay)
 
     def wait(
         self, job_id: str, *, from_index: int = 0, on_event: EventCallback | None = None

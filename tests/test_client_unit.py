@@ -226,12 +226,14 @@ def _free_port() -> int:
 # -- watch: resume semantics -----------------------------------------------------------------
 
 
-def test_watch_resumes_after_unavailable_every_event_once_in_order(peer, client):
+def test_watch_resumes_after_unavailable_every_event_once_in_order(peer, client, caplog):
     service, _ = peer
     service.drops = [3, 2, 4]
     seen = [e.index for e in client.watch(JOB)]
     assert seen == list(range(len(service.events[JOB])))
     assert service.watch_from == [0, 3, 5, 9]
+    notices = [r.getMessage() for r in caplog.records if r.name == "longscribe.client"]
+    assert len(notices) == 3 and "reconnecting from event 3" in notices[0]
 
 
 def test_watch_starts_at_from_index_and_stops_at_terminal_event(peer, client):
@@ -643,6 +645,16 @@ def test_cli_transcribe_prints_to_stdout_with_log_progress_on_stderr(peer, monke
     captured = capsys.readouterr()
     assert captured.out == service.events[JOB][-1].result.formats.vtt
     assert f"job {JOB}" in captured.err and "transcribing" in captured.err  # not a TTY: lines
+    assert "reconnecting" not in captured.err
+
+
+def test_cli_transcribe_reports_a_reconnect_on_stderr(peer, capsys):
+    service, target = peer
+    service.drops = [6]
+    assert cli.main(["transcribe", "https://example.com/a.mp3", "--server", target]) == 0
+    captured = capsys.readouterr()
+    assert captured.out == service.events[JOB][-1].result.formats.txt
+    assert "UNAVAILABLE: server is restarting); reconnecting from event 6" in captured.err
 
 
 @pytest.mark.parametrize(

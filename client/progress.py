@@ -188,7 +188,9 @@ class LogProgress(ProgressView):
             p = event.progress
             phase = p.phase or event.state
             label = phase_label(phase)
-            if phase == pb.JOB_STATE_DOWNLOADING:
+            if phase == pb.JOB_STATE_DOWNLOADING and not (p.bytes_done or p.bytes_total):
+                text = p.message or "starting"
+            elif phase == pb.JOB_STATE_DOWNLOADING:
                 text = _size(p.bytes_done)
                 if p.bytes_total:
                     pct = 100 * p.bytes_done / p.bytes_total

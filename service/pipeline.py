@@ -63,7 +63,8 @@ def run_pipeline(ctx: JobContext) -> pb.Result:
     segments, language = _transcribe(ctx, media, duration, base)
     ctx.set_phase(pb.JOB_STATE_FINALIZING, percent=99.0, audio_seconds_done=duration,
                   audio_seconds_total=duration, message="rendering formats")
-    text = "".join(s.text for s in segments).strip()
+    # Segment texts may or may not carry whisper's leading space: join on words, not bytes.
+    text = " ".join(t for t in (s.text.strip() for s in segments) if t)
     return pb.Result(
         text=text,
         segments=segments,
@@ -104,7 +105,7 @@ def _obtain_media(ctx: JobContext) -> tuple[Path, bool]:
     )
     size = path.stat().st_size
     ctx.update(media_path=str(path))
-    ctx.progress(pb.JOB_STATE_DOWNLOADING, percent=DOWNLOAD_SHARE, bytes_done=size,
+    ctx.set_phase(pb.JOB_STATE_DOWNLOADING, percent=DOWNLOAD_SHARE, bytes_done=size,
                  bytes_total=size, bytes_per_second=size / max(time.monotonic() - started, 1e-6))
     return path, True
 
@@ -123,7 +124,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
     stored = ctx.store.load_windows(ctx.row.job_id)
     ctx.set_phase(pb.JOB_STATE_DECODING, percent=base, audio_seconds_total=duration,
                   message="decoding audio")
-    options = decode_options(ctx.row.options, ctx.engine.is_multilingual)
+    options = decode_options(ctx.row.options, ctx.engine.model.is_multilingual)
     segments: list[pb.Segment] = []
     language = options.language or ""
     done_windows = reused = 0

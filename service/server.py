@@ -4,6 +4,7 @@ model and the job manager. `longscribe serve` calls `serve(config)`."""
 from __future__ import annotations
 
 import argparse
+import faulthandler
 import logging
 import signal
 import sys
@@ -112,7 +113,8 @@ class LongscribeServer:
         self.manager.shutdown(timeout=grace)
         self.grpc_server.stop(grace).wait()
         if self.engine is not None:
-            self.engine.stop()
+            # A batch in flight cannot be interrupted; its thread is a daemon, so don't wait long.
+            self.engine.stop(timeout=1.0)
         if self._metrics_server is not None:
             metrics.stop_metrics_server(self._metrics_server)
         self.store.close()
@@ -129,6 +131,7 @@ def setup_logging(level: str) -> None:
 def serve(config: config_module.Config) -> int:
     """Run until SIGTERM or SIGINT; 1 if the model could not be loaded."""
     setup_logging(config.log_level)
+    faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     server = LongscribeServer(config)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):

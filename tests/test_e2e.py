@@ -102,10 +102,11 @@ def test_grpcurl_submit_and_get(server: ServerProcess) -> None:
     submitted = run_grpcurl("-plaintext", "-d", json.dumps({"serverPath": "jfk.flac"}),
                             server.target, f"{SERVICE}/SubmitJob")
     assert submitted.returncode == 0, submitted.stderr
-    job_id = json.loads(submitted.stdout)["jobId"]
+    job = json.loads(submitted.stdout)
+    job_id = job.get("job_id") or job["jobId"]  # grpcurl 1.8 prints proto field names
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        got = run_grpcurl("-plaintext", "-d", json.dumps({"jobId": job_id, "includeResult": True}),
+        got = run_grpcurl("-plaintext", "-d", json.dumps({"job_id": job_id, "include_result": True}),
                           server.target, f"{SERVICE}/GetJob")
         body = json.loads(got.stdout)
         if body["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"):

@@ -108,8 +108,11 @@ def _stderr_line(text: str) -> None:
 def _transcribe_problem(ns: argparse.Namespace) -> str | None:
     """Why a transcribe request cannot start, found before any job is made (None: it can)."""
     # argparse checks `choices` on flags, not on defaults taken from the environment.
-    for value, allowed, env in ((ns.format, FORMATS, "FORMAT"), (ns.progress, MODES, "PROGRESS"),
-                                (ns.task, ("transcribe", "translate", None), "TASK")):
+    for value, allowed, env in (
+        (ns.format, FORMATS, "FORMAT"),
+        (ns.progress, MODES, "PROGRESS"),
+        (ns.task, ("transcribe", "translate", None), "TASK"),
+    ):
         if value not in allowed:
             names = ", ".join(a for a in allowed if a)
             return f"LONGSCRIBE_{env}={value!r} is not one of {names}"
@@ -137,13 +140,22 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
     try:
         with view, _client_log(view.message):
             if ns.detach:
-                job = client.submit(ns.source, options=options, request_id=ns.request_id,
-                                    server_path=ns.server_path, on_upload=view.on_upload)
+                job = client.submit(
+                    ns.source,
+                    options=options,
+                    request_id=ns.request_id,
+                    server_path=ns.server_path,
+                    on_upload=view.on_upload,
+                )
                 print(job.job_id)
                 return EXIT_OK
             result = client.transcribe(
-                ns.source, options=options, request_id=ns.request_id,
-                server_path=ns.server_path, on_event=view.on_event, on_upload=view.on_upload,
+                ns.source,
+                options=options,
+                request_id=ns.request_id,
+                server_path=ns.server_path,
+                on_event=view.on_event,
+                on_upload=view.on_upload,
                 on_job=started,
             )
     except KeyboardInterrupt:
@@ -152,8 +164,11 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
                 client.cancel(job_id)
                 print(f"longscribe: interrupted; cancelled job {job_id}", file=sys.stderr)
             except LongscribeError as err:
-                print(f"longscribe: interrupted; could not cancel job {job_id}: "
-                      f"{err.code_name}: {err.message}", file=sys.stderr)
+                print(
+                    f"longscribe: interrupted; could not cancel job {job_id}: "
+                    f"{err.code_name}: {err.message}",
+                    file=sys.stderr,
+                )
         else:
             print("longscribe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -237,33 +252,47 @@ def _connection_flags() -> argparse.ArgumentParser:
     parent = argparse.ArgumentParser(add_help=False)
     group = parent.add_argument_group("connection")
     group.add_argument(
-        "--server", default=_env("SERVER", DEFAULT_TARGET), metavar="HOST:PORT",
+        "--server",
+        default=_env("SERVER", DEFAULT_TARGET),
+        metavar="HOST:PORT",
         help="server address [env LONGSCRIBE_SERVER; default %(default)s]",
     )
     group.add_argument(
-        "--token", default=_env("TOKEN"),
+        "--token",
+        default=_env("TOKEN"),
         help="bearer token sent as 'authorization' metadata [env LONGSCRIBE_TOKEN]",
     )
     group.add_argument(
-        "--tls", action=argparse.BooleanOptionalAction, default=_env_flag("TLS"),
+        "--tls",
+        action=argparse.BooleanOptionalAction,
+        default=_env_flag("TLS"),
         help="use TLS with the system's trusted roots [env LONGSCRIBE_TLS]",
     )
     group.add_argument(
-        "--tls-ca", default=_env("TLS_CA"), metavar="PEM",
+        "--tls-ca",
+        default=_env("TLS_CA"),
+        metavar="PEM",
         help="CA bundle that signed the server's certificate; implies --tls "
         "[env LONGSCRIBE_TLS_CA]",
     )
     # Not LONGSCRIBE_TLS_CERT/KEY: those are the server's own certificate flags.
     group.add_argument(
-        "--client-cert", default=_env("CLIENT_CERT"), metavar="PEM",
+        "--client-cert",
+        default=_env("CLIENT_CERT"),
+        metavar="PEM",
         help="client certificate for mutual TLS [env LONGSCRIBE_CLIENT_CERT]",
     )
     group.add_argument(
-        "--client-key", default=_env("CLIENT_KEY"), metavar="PEM",
+        "--client-key",
+        default=_env("CLIENT_KEY"),
+        metavar="PEM",
         help="its private key [env LONGSCRIBE_CLIENT_KEY]",
     )
     group.add_argument(
-        "--timeout", type=float, default=_env_seconds("TIMEOUT", 30.0), metavar="SECONDS",
+        "--timeout",
+        type=float,
+        default=_env_seconds("TIMEOUT", 30.0),
+        metavar="SECONDS",
         help="deadline of short calls (submit, get, list, cancel) [env LONGSCRIBE_TIMEOUT; "
         "default %(default)s]",
     )
@@ -279,41 +308,56 @@ def _state_arg(text: str) -> int:
 
 def _add_transcribe(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
-        "transcribe", parents=[conn], help="transcribe a local file or a URL",
+        "transcribe",
+        parents=[conn],
+        help="transcribe a local file or a URL",
         description="Transcribe SOURCE: a local file (uploaded) or an http(s) URL (fetched\n"
         "by the server). Progress goes to stderr, the transcript to stdout or -o FILE.",
-        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     p.add_argument("source", metavar="SOURCE", help="local media file or http(s) URL")
     p.add_argument(
-        "--format", "-f", choices=FORMATS, default=_env("FORMAT", "txt"),
+        "--format",
+        "-f",
+        choices=FORMATS,
+        default=_env("FORMAT", "txt"),
         help="transcript format [env LONGSCRIBE_FORMAT; default %(default)s]",
     )
     p.add_argument("-o", "--output", metavar="FILE", help="write the transcript here")
     p.add_argument(
-        "--language", default=_env("LANGUAGE"),
+        "--language",
+        default=_env("LANGUAGE"),
         help="ISO 639-1 code, e.g. en (default: detect) [env LONGSCRIBE_LANGUAGE]",
     )
     p.add_argument(
-        "--task", choices=("transcribe", "translate"), default=_env("TASK"),
+        "--task",
+        choices=("transcribe", "translate"),
+        default=_env("TASK"),
         help="translate: into English [env LONGSCRIBE_TASK]",
     )
     p.add_argument("--prompt", help="text to condition the first window on (names, spelling)")
     p.add_argument("--request-id", help="idempotency key: resubmitting it returns the same job")
     p.add_argument(
-        "--server-path", action="store_true",
+        "--server-path",
+        action="store_true",
         help="SOURCE is a path under the server's media root, not a local file",
     )
     p.add_argument(
-        "--progress", choices=MODES, default=_env("PROGRESS", "auto"),
+        "--progress",
+        choices=MODES,
+        default=_env("PROGRESS", "auto"),
         help="auto: bars on a terminal, plain lines otherwise [env LONGSCRIBE_PROGRESS]",
     )
     p.add_argument(
-        "--no-progress", action="store_true", default=_env_flag("NO_PROGRESS"),
+        "--no-progress",
+        action="store_true",
+        default=_env_flag("NO_PROGRESS"),
         help="no progress output (same as --progress off) [env LONGSCRIBE_NO_PROGRESS]",
     )
     p.add_argument(
-        "--detach", action="store_true",
+        "--detach",
+        action="store_true",
         help="only submit: print the job id and exit (follow it with 'jobs watch')",
     )
     p.set_defaults(handler=cmd_transcribe)
@@ -321,13 +365,19 @@ def _add_transcribe(sub: argparse._SubParsersAction, conn: argparse.ArgumentPars
 
 def _add_jobs(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) -> None:
     jobs = sub.add_parser(
-        "jobs", help="list, inspect, follow or cancel jobs", epilog=EXIT_HELP,
+        "jobs",
+        help="list, inspect, follow or cancel jobs",
+        epilog=EXIT_HELP,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     cmds = jobs.add_subparsers(dest="jobs_command", required=True, metavar="ACTION")
     p = cmds.add_parser("list", parents=[conn], help="list jobs, newest first")
     p.add_argument(
-        "--state", nargs="+", action="extend", type=_state_arg, metavar="STATE",
+        "--state",
+        nargs="+",
+        action="extend",
+        type=_state_arg,
+        metavar="STATE",
         help="only jobs in these states (queued, transcribing, succeeded, failed…)",
     )
     p.add_argument("--json", action="store_true", help="one protobuf-JSON Job per line")
@@ -340,13 +390,19 @@ def _add_jobs(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) ->
     p.set_defaults(handler=cmd_get)
 
     p = cmds.add_parser(
-        "watch", parents=[conn], help="print a job's events until it ends",
+        "watch",
+        parents=[conn],
+        help="print a job's events until it ends",
         description="Print a job's events (replayed from --from) until it ends; exits with\n"
         "the job's outcome (see 'longscribe jobs --help'). Reconnects if the stream drops.",
     )
     p.add_argument("job_id", metavar="ID")
     p.add_argument(
-        "--from", dest="from_index", type=int, default=0, metavar="N",
+        "--from",
+        dest="from_index",
+        type=int,
+        default=0,
+        metavar="N",
         help="first event index (default 0: replay everything)",
     )
     p.add_argument("--json", action="store_true", help="one protobuf-JSON JobEvent per line")
@@ -363,7 +419,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="longscribe",
         description="Batch transcription of long media over gRPC (OpenAI Whisper).",
-        epilog=EXIT_HELP, formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=EXIT_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"longscribe {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -372,7 +429,8 @@ def build_parser() -> argparse.ArgumentParser:
     _add_jobs(sub, conn)
     # Listed for --help only: main() hands `serve ...` to run_serve before parsing.
     sub.add_parser(
-        "serve", add_help=False,
+        "serve",
+        add_help=False,
         help="run the server (needs the 'server' extra; 'longscribe serve --help' for flags)",
     )
     return parser
@@ -401,8 +459,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         with LongscribeClient(
-            ns.server, token=ns.token, tls=ns.tls or None, tls_ca=ns.tls_ca,
-            tls_cert=ns.client_cert, tls_key=ns.client_key, timeout=ns.timeout,
+            ns.server,
+            token=ns.token,
+            tls=ns.tls or None,
+            tls_ca=ns.tls_ca,
+            tls_cert=ns.client_cert,
+            tls_key=ns.client_key,
+            timeout=ns.timeout,
         ) as client:
             return ns.handler(ns, client)
     except LongscribeError as err:

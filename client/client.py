@@ -29,9 +29,7 @@ DEFAULT_TARGET = "127.0.0.1:50051"
 SERVICE_NAME = "longscribe.v1.TranscriptionService"
 MiB = 1 << 20
 
-TERMINAL_STATES = frozenset(
-    {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
-)
+TERMINAL_STATES = frozenset({pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED})
 # A watch stream that fails with one of these is re-opened from the next event index.
 RECONNECT_CODES = frozenset({grpc.StatusCode.UNAVAILABLE})
 
@@ -67,7 +65,7 @@ def state_value(state: int | str) -> int:
 
 
 def state_name(state: int) -> str:
-    """"SUCCEEDED" for JOB_STATE_SUCCEEDED (the short name people read)."""
+    """The short name people read: SUCCEEDED for JOB_STATE_SUCCEEDED."""
     try:
         return pb.JobState.Name(state).removeprefix("JOB_STATE_")
     except ValueError:
@@ -269,8 +267,7 @@ class LongscribeClient:
         if server_path:
             return self.submit_path(text, options=options, request_id=request_id)
         if Path(text).is_file():
-            return self.upload(text, options=options, request_id=request_id,
-                               on_progress=on_upload)
+            return self.upload(text, options=options, request_id=request_id, on_progress=on_upload)
         if text.lower().startswith(("http://", "https://")):
             return self.submit_url(text, options=options, request_id=request_id)
         raise LongscribeError(
@@ -313,7 +310,8 @@ class LongscribeClient:
                 if job.state in TERMINAL_STATES and next_index >= job.event_count:
                     return
                 reason = LongscribeError(
-                    grpc.StatusCode.UNAVAILABLE, "the event stream ended before the job did",
+                    grpc.StatusCode.UNAVAILABLE,
+                    "the event stream ended before the job did",
                     job_id=job_id,
                 )
             except grpc.RpcError as err:
@@ -330,8 +328,14 @@ class LongscribeClient:
             delay = self._backoff(failures)
             log.warning(
                 "lost the event stream of job %s (%s: %s); reconnecting from event %d in "
-                "%.1f s (attempt %d of %d)", job_id, reason.code_name, reason.message,
-                next_index, delay, failures, self.reconnect_attempts,
+                "%.1f s (attempt %d of %d)",
+                job_id,
+                reason.code_name,
+                reason.message,
+                next_index,
+                delay,
+                failures,
+                self.reconnect_attempts,
             )
             time.sleep(delay)
 
@@ -367,7 +371,10 @@ class LongscribeClient:
         """Submit `source` (see submit()) and wait for its Result. `on_job` gets the Job as
         soon as it exists (to cancel it on Ctrl-C, say); `on_event` gets every event."""
         job = self.submit(
-            source, options=options, request_id=request_id, server_path=server_path,
+            source,
+            options=options,
+            request_id=request_id,
+            server_path=server_path,
             on_upload=on_upload,
         )
         if on_job is not None:

@@ -24,7 +24,7 @@ _AUDIO_FORMAT_NO_TOTAL = "{desc}: {n:.0f} s audio [{elapsed}{postfix}]"
 
 
 def phase_label(state: int) -> str:
-    """"transcribing" for JOB_STATE_TRANSCRIBING."""
+    """The phase as a word: transcribing for JOB_STATE_TRANSCRIBING."""
     try:
         return pb.JobState.Name(state).removeprefix("JOB_STATE_").lower()
     except ValueError:
@@ -32,7 +32,7 @@ def phase_label(state: int) -> str:
 
 
 def speed_text(progress: pb.Progress) -> str:
-    """"×35 real time, ETA 00:14" from whatever the event carries (empty when nothing)."""
+    """Speed and ETA, e.g. `×35.0 real time, ETA 00:14` (empty when the event has neither)."""
     parts = []
     if progress.realtime_factor > 0:
         parts.append(f"×{progress.realtime_factor:.1f} real time")
@@ -80,8 +80,15 @@ class BarProgress(ProgressView):
     def _bytes_bar(self, desc: str, total: int) -> tqdm:
         if self._bytes is None:
             self._bytes = tqdm(
-                total=total or None, unit="B", unit_scale=True, unit_divisor=1024, desc=desc,
-                file=self._file, dynamic_ncols=True, leave=True, mininterval=self._mininterval,
+                total=total or None,
+                unit="B",
+                unit_scale=True,
+                unit_divisor=1024,
+                desc=desc,
+                file=self._file,
+                dynamic_ncols=True,
+                leave=True,
+                mininterval=self._mininterval,
             )
         bar = self._bytes
         if desc != bar.desc:
@@ -110,7 +117,11 @@ class BarProgress(ProgressView):
     def _audio_bar(self, desc: str, total: float) -> tqdm:
         if self._audio is None:
             self._audio = tqdm(
-                total=total or None, desc=desc, file=self._file, dynamic_ncols=True, leave=True,
+                total=total or None,
+                desc=desc,
+                file=self._file,
+                dynamic_ncols=True,
+                leave=True,
                 mininterval=self._mininterval,
                 bar_format=_AUDIO_FORMAT if total else _AUDIO_FORMAT_NO_TOTAL,
             )
@@ -159,7 +170,10 @@ class LogProgress(ProgressView):
     """Plain lines for logs and pipes: one at each phase change, else one per `interval`."""
 
     def __init__(
-        self, file: TextIO, *, interval: float = 10.0,
+        self,
+        file: TextIO,
+        *,
+        interval: float = 10.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self._file = file
@@ -208,8 +222,10 @@ class LogProgress(ProgressView):
         elif kind == "result":
             r = event.result
             self._emit(
-                "done", f"{r.duration_seconds:.1f} s audio, {len(r.segments)} segments"
-                + (f", language {r.language}" if r.language else ""), force=True,
+                "done",
+                f"{r.duration_seconds:.1f} s audio, {len(r.segments)} segments"
+                + (f", language {r.language}" if r.language else ""),
+                force=True,
             )
 
 

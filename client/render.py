@@ -44,8 +44,10 @@ def jobs_table(jobs: Iterable[pb.Job]) -> str:
     widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
     lines = []
     for row in rows:
-        cells = [cell.rjust(w) if i == 2 else cell.ljust(w) for i, (cell, w) in
-                 enumerate(zip(row, widths, strict=False))]
+        cells = [
+            cell.rjust(w) if i == 2 else cell.ljust(w)
+            for i, (cell, w) in enumerate(zip(row, widths, strict=False))
+        ]
         lines.append("  ".join([*cells, row[-1]]).rstrip())
     return "\n".join(lines)
 
@@ -71,8 +73,11 @@ def job_details(job: pb.Job) -> str:
     if job.duration_seconds:
         fields.append(("duration", f"{job.duration_seconds:.1f} s"))
     o = job.options
-    opts = [f"{k}={v!r}" for k, v in
-            (("language", o.language), ("task", o.task), ("prompt", o.initial_prompt)) if v]
+    opts = [
+        f"{k}={v!r}"
+        for k, v in (("language", o.language), ("task", o.task), ("prompt", o.initial_prompt))
+        if v
+    ]
     if opts:
         fields.append(("options", " ".join(opts)))
     if job.request_id:
@@ -112,8 +117,7 @@ def event_line(event: pb.JobEvent) -> str:
     if kind == "result":
         r = event.result
         lang = f", language {r.language}" if r.language else ""
-        return (f"{head} result: {r.duration_seconds:.1f} s audio, "
-                f"{len(r.segments)} segments{lang}")
+        return f"{head} result: {r.duration_seconds:.1f} s audio, {len(r.segments)} segments{lang}"
     if kind == "error":
         return f"{head} error: {event.error.code_name}: {event.error.message}"
     return f"{head} {state_name(event.state)}"

@@ -55,36 +55,59 @@ def job_events(*, chunks: int = 4, audio: float = 120.0, end: str = "result") ->
     step = audio / chunks
     for c in range(chunks):
         done = step * (c + 1)
-        events.append(pb.JobEvent(
-            index=len(events), job_id=JOB, state=T.JOB_STATE_TRANSCRIBING,
-            segment=pb.Segment(id=c, start=done - step, end=done, text=f" words {c}"),
-        ))
-        events.append(_progress(
-            len(events), T.JOB_STATE_TRANSCRIBING, percent=6 + 94 * (c + 1) / chunks,
-            audio_seconds_done=done, audio_seconds_total=audio, chunk_index=c + 1,
-            chunk_count=chunks, realtime_factor=30.0, eta_seconds=(chunks - c - 1) * 1.0,
-        ))
+        events.append(
+            pb.JobEvent(
+                index=len(events),
+                job_id=JOB,
+                state=T.JOB_STATE_TRANSCRIBING,
+                segment=pb.Segment(id=c, start=done - step, end=done, text=f" words {c}"),
+            )
+        )
+        events.append(
+            _progress(
+                len(events),
+                T.JOB_STATE_TRANSCRIBING,
+                percent=6 + 94 * (c + 1) / chunks,
+                audio_seconds_done=done,
+                audio_seconds_total=audio,
+                chunk_index=c + 1,
+                chunk_count=chunks,
+                realtime_factor=30.0,
+                eta_seconds=(chunks - c - 1) * 1.0,
+            )
+        )
     if end == "result":
         segments = [e.segment for e in events if e.WhichOneof("event") == "segment"]
         text = "".join(s.text for s in segments).strip()
-        events.append(pb.JobEvent(
-            index=len(events), job_id=JOB, state=T.JOB_STATE_SUCCEEDED,
-            result=pb.Result(
-                text=text, segments=segments, language="en", duration_seconds=audio,
-                formats=pb.Formats(
-                    txt=text + "\n", srt=f"1\n00:00:00,000 --> 00:00:30,000\n{text}\n",
-                    vtt=f"WEBVTT\n\n00:00.000 --> 00:30.000\n{text}\n", json=json.dumps(
-                        {"text": text}),
+        events.append(
+            pb.JobEvent(
+                index=len(events),
+                job_id=JOB,
+                state=T.JOB_STATE_SUCCEEDED,
+                result=pb.Result(
+                    text=text,
+                    segments=segments,
+                    language="en",
+                    duration_seconds=audio,
+                    formats=pb.Formats(
+                        txt=text + "\n",
+                        srt=f"1\n00:00:00,000 --> 00:00:30,000\n{text}\n",
+                        vtt=f"WEBVTT\n\n00:00.000 --> 00:30.000\n{text}\n",
+                        json=json.dumps({"text": text}),
+                    ),
                 ),
-            ),
-        ))
+            )
+        )
     else:
         code = getattr(grpc.StatusCode, end)
-        events.append(pb.JobEvent(
-            index=len(events), job_id=JOB,
-            state=T.JOB_STATE_CANCELLED if end == "CANCELLED" else T.JOB_STATE_FAILED,
-            error=pb.Error(code=code.value[0], code_name=end, message=f"the job ended {end}"),
-        ))
+        events.append(
+            pb.JobEvent(
+                index=len(events),
+                job_id=JOB,
+                state=T.JOB_STATE_CANCELLED if end == "CANCELLED" else T.JOB_STATE_FAILED,
+                error=pb.Error(code=code.value[0], code_name=end, message=f"the job ended {end}"),
+            )
+        )
     return events
 
 
@@ -108,8 +131,10 @@ class FakeService(pb_grpc.TranscriptionServiceServicer):
         self.upload_digest = ""
         self.cancelled: list[str] = []
         self.auth: list[str] = []
-        self.jobs = [pb.Job(job_id=f"j{i}", state=pb.JOB_STATE_SUCCEEDED, source=f"url:{i}")
-                     for i in range(5)]
+        self.jobs = [
+            pb.Job(job_id=f"j{i}", state=pb.JOB_STATE_SUCCEEDED, source=f"url:{i}")
+            for i in range(5)
+        ]
         self.list_requests: list[pb.ListJobsRequest] = []
         self.hold_after: int | None = None  # WatchJob stalls after this many events
 
@@ -198,8 +223,7 @@ def peer():
 @pytest.fixture
 def client(peer):
     _, target = peer
-    with LongscribeClient(target, timeout=10, reconnect_attempts=3,
-                          reconnect_backoff=0.01) as c:
+    with LongscribeClient(target, timeout=10, reconnect_attempts=3, reconnect_backoff=0.01) as c:
         yield c
 
 
@@ -275,8 +299,7 @@ def test_watch_survives_a_server_restart():
     server, port = _start_peer(first)
     second = FakeService()
     seen: list[int] = []
-    with LongscribeClient(f"127.0.0.1:{port}", reconnect_attempts=8,
-                          reconnect_backoff=0.05) as c:
+    with LongscribeClient(f"127.0.0.1:{port}", reconnect_attempts=8, reconnect_backoff=0.05) as c:
         for event in c.watch(JOB):
             seen.append(event.index)
             if event.index == 4:
@@ -324,8 +347,13 @@ def test_upload_streams_the_file_in_chunks_metadata_first(peer, client, media):
     service, _ = peer
     progress: list[tuple[int, int]] = []
     options = make_options(language="en")
-    job = client.upload(media, options=options, request_id="r-1", chunk_size=MiB,
-                        on_progress=lambda done, total: progress.append((done, total)))
+    job = client.upload(
+        media,
+        options=options,
+        request_id="r-1",
+        chunk_size=MiB,
+        on_progress=lambda done, total: progress.append((done, total)),
+    )
     assert job.job_id == JOB
     size = media.stat().st_size
     assert service.upload_log[0] == ("metadata", 0)
@@ -374,7 +402,8 @@ def test_transcribe_returns_the_result_and_reports_every_event(peer, client):
     seen: list[int] = []
     jobs: list[str] = []
     result = client.transcribe(
-        "https://example.com/a.mp3", on_event=lambda e: seen.append(e.index),
+        "https://example.com/a.mp3",
+        on_event=lambda e: seen.append(e.index),
         on_job=lambda j: jobs.append(j.job_id),
     )
     assert jobs == [JOB]
@@ -418,8 +447,10 @@ def test_rpc_errors_become_longscribe_errors(client):
 
 
 def test_unreachable_server_is_unavailable():
-    with LongscribeClient(f"127.0.0.1:{_free_port()}", timeout=5) as c, \
-            pytest.raises(LongscribeError) as info:
+    with (
+        LongscribeClient(f"127.0.0.1:{_free_port()}", timeout=5) as c,
+        pytest.raises(LongscribeError) as info,
+    ):
         c.get("x")
     assert info.value.code == grpc.StatusCode.UNAVAILABLE
 
@@ -436,25 +467,58 @@ def test_tls_with_a_private_ca_and_client_certificate(tmp_path, capsys):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_TranscriptionServiceServicer_to_server(service, server)
     creds = grpc.ssl_server_credentials(
-        [(server_cert.private_key_pem.bytes(),
-          b"".join(pem.bytes() for pem in server_cert.cert_chain_pems))],
-        root_certificates=ca.cert_pem.bytes(), require_client_auth=True,
+        [
+            (
+                server_cert.private_key_pem.bytes(),
+                b"".join(pem.bytes() for pem in server_cert.cert_chain_pems),
+            )
+        ],
+        root_certificates=ca.cert_pem.bytes(),
+        require_client_auth=True,
     )
     target = f"127.0.0.1:{server.add_secure_port('127.0.0.1:0', creds)}"
     server.start()
     try:
-        with LongscribeClient(target, tls_ca=str(tmp_path / "ca.pem"),
-                              tls_cert=str(tmp_path / "client.pem"),
-                              tls_key=str(tmp_path / "client.key"), token="t", timeout=10) as c:
+        with LongscribeClient(
+            target,
+            tls_ca=str(tmp_path / "ca.pem"),
+            tls_cert=str(tmp_path / "client.pem"),
+            tls_key=str(tmp_path / "client.key"),
+            token="t",
+            timeout=10,
+        ) as c:
             assert c.get(JOB).job_id == JOB
         assert service.auth == ["Bearer t"]
         # Without the client certificate the handshake fails: UNAVAILABLE, exit status 4.
-        code = cli.main(["jobs", "get", JOB, "--server", target,
-                         "--tls-ca", str(tmp_path / "ca.pem"), "--timeout", "5"])
+        code = cli.main(
+            [
+                "jobs",
+                "get",
+                JOB,
+                "--server",
+                target,
+                "--tls-ca",
+                str(tmp_path / "ca.pem"),
+                "--timeout",
+                "5",
+            ]
+        )
         assert code == 4
-        code = cli.main(["jobs", "get", JOB, "--server", target, "--tls-ca",
-                         str(tmp_path / "ca.pem"), "--client-cert", str(tmp_path / "client.pem"),
-                         "--client-key", str(tmp_path / "client.key")])
+        code = cli.main(
+            [
+                "jobs",
+                "get",
+                JOB,
+                "--server",
+                target,
+                "--tls-ca",
+                str(tmp_path / "ca.pem"),
+                "--client-cert",
+                str(tmp_path / "client.pem"),
+                "--client-key",
+                str(tmp_path / "client.key"),
+            ]
+        )
         assert code == 0
         assert JOB in capsys.readouterr().out
     finally:
@@ -498,8 +562,15 @@ def test_log_progress_writes_a_line_per_phase_and_throttles():
             view.on_event(event)
     lines = out.getvalue().splitlines()
     phases = [line.split(":")[1].strip() for line in lines]
-    assert phases == ["uploading", "uploading", "queued", "downloading", "decoding",
-                      "transcribing", "done"]
+    assert phases == [
+        "uploading",
+        "uploading",
+        "queued",
+        "downloading",
+        "decoding",
+        "transcribing",
+        "done",
+    ]
     assert "\r" not in out.getvalue()
     assert "30 of 120 s audio" in lines[5] and "×30.0 real time" in lines[5]
     assert lines[-1].endswith("120.0 s audio, 4 segments, language en")
@@ -595,13 +666,40 @@ def test_parser_reads_env_defaults_and_flags_override(monkeypatch):
     monkeypatch.setenv("LONGSCRIBE_TLS_CA", "/ca.pem")
     monkeypatch.setenv("LONGSCRIBE_FORMAT", "vtt")
     ns = cli.build_parser().parse_args(["transcribe", "a.mp3"])
-    assert (ns.server, ns.token, ns.tls_ca, ns.format) == ("example.org:443", "tok", "/ca.pem",
-                                                          "vtt")
+    assert (ns.server, ns.token, ns.tls_ca, ns.format) == (
+        "example.org:443",
+        "tok",
+        "/ca.pem",
+        "vtt",
+    )
     ns = cli.build_parser().parse_args(
-        ["transcribe", "a.mp3", "--server", "h:1", "--format", "json", "-o", "x.json",
-         "--language", "de", "--task", "translate", "--prompt", "Names", "--detach"])
+        [
+            "transcribe",
+            "a.mp3",
+            "--server",
+            "h:1",
+            "--format",
+            "json",
+            "-o",
+            "x.json",
+            "--language",
+            "de",
+            "--task",
+            "translate",
+            "--prompt",
+            "Names",
+            "--detach",
+        ]
+    )
     assert (ns.server, ns.format, ns.output, ns.language, ns.task, ns.prompt, ns.detach) == (
-        "h:1", "json", "x.json", "de", "translate", "Names", True)
+        "h:1",
+        "json",
+        "x.json",
+        "de",
+        "translate",
+        "Names",
+        True,
+    )
     ns = cli.build_parser().parse_args(["jobs", "list", "--state", "queued", "FAILED", "--json"])
     assert ns.state == [pb.JOB_STATE_QUEUED, pb.JOB_STATE_FAILED] and ns.json
     ns = cli.build_parser().parse_args(["jobs", "watch", "abc", "--from", "7"])
@@ -629,8 +727,21 @@ def test_usage_errors_exit_2(capsys, tmp_path, monkeypatch):
 def test_cli_transcribe_writes_the_chosen_format_to_a_file(peer, media, tmp_path, capsys):
     service, target = peer
     out = tmp_path / "talk.srt"
-    code = cli.main(["transcribe", str(media), "--server", target, "--format", "srt",
-                     "-o", str(out), "--no-progress", "--language", "en"])
+    code = cli.main(
+        [
+            "transcribe",
+            str(media),
+            "--server",
+            target,
+            "--format",
+            "srt",
+            "-o",
+            str(out),
+            "--no-progress",
+            "--language",
+            "en",
+        ]
+    )
     assert code == 0
     assert out.read_text() == service.events[JOB][-1].result.formats.srt
     assert service.upload_metadata.options.language == "en"
@@ -664,8 +775,9 @@ def test_cli_transcribe_reports_a_reconnect_on_stderr(peer, capsys):
 def test_cli_exit_status_of_a_job_ending_in_error(peer, capsys, end, status):
     service, target = peer
     service.events[JOB] = job_events(end=end)
-    code = cli.main(["transcribe", "https://example.com/a.mp3", "--server", target,
-                     "--no-progress"])
+    code = cli.main(
+        ["transcribe", "https://example.com/a.mp3", "--server", target, "--no-progress"]
+    )
     assert code == status
     assert capsys.readouterr().err.strip().endswith(f"error: {end}: the job ended {end}")
 
@@ -695,9 +807,20 @@ def test_cli_sigint_in_a_real_process_cancels_the_job(peer):
     service, target = peer
     service.hold_after = 6
     proc = subprocess.Popen(
-        [sys.executable, "-m", "longscribe.client", "transcribe", "https://example.com/a.mp3",
-         "--server", target, "--progress", "log"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        [
+            sys.executable,
+            "-m",
+            "longscribe.client",
+            "transcribe",
+            "https://example.com/a.mp3",
+            "--server",
+            target,
+            "--progress",
+            "log",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     try:
         # Wait until the job is being watched (its first progress line), then press Ctrl-C.
@@ -715,8 +838,20 @@ def test_cli_sigint_in_a_real_process_cancels_the_job(peer):
 
 def test_cli_detach_only_submits(peer, capsys):
     service, target = peer
-    assert cli.main(["transcribe", "https://example.com/a.mp3", "--server", target,
-                     "--detach", "--request-id", "rid-9"]) == 0
+    assert (
+        cli.main(
+            [
+                "transcribe",
+                "https://example.com/a.mp3",
+                "--server",
+                target,
+                "--detach",
+                "--request-id",
+                "rid-9",
+            ]
+        )
+        == 0
+    )
     assert capsys.readouterr().out.strip() == JOB
     assert service.submits[0].request_id == "rid-9"
     assert service.watch_from == []
@@ -784,15 +919,18 @@ def test_client_import_and_help_need_no_server_packages():
         " or m.startswith('longscribe.service')]\n"
         "assert not heavy, heavy\n"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          timeout=60)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert "longscribe transcribe" in proc.stdout
 
 
 def test_python_dash_m_runs_the_cli():
-    proc = subprocess.run([sys.executable, "-m", "longscribe.client", "jobs", "--help"],
-                          capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "longscribe.client", "jobs", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "watch" in proc.stdout
 

@@ -1,9 +1,10 @@
 """The longscribe client: a small Python API and the `longscribe` command.
 
-from longscribe.client import LongscribeClient
-with LongscribeClient("127.0.0.1:50051") as client:
-    print(client.transcribe("talk.mp3").text)
-"""
+    from longscribe.client import LongscribeClient
+    with LongscribeClient("127.0.0.1:50051") as client:
+        print(client.transcribe("talk.mp3").text)
+
+Base install only (grpcio, protobuf, tqdm): importing this never loads the server packages."""
 
 from __future__ import annotations
 

@@ -374,12 +374,22 @@ def test_a_work_folder_in_use_is_left_alone(server: LocalServer, tmp_path: Path)
 def test_cancel_during_retry_backoff(server: LocalServer, tmp_path: Path) -> None:
     server.fail_always("jfk.mp3", 500)
     cancel = threading.Event()
-    threading.Timer(0.5, cancel.set).start()
+    cancelled_at: list[float] = []
+
+    def cancel_once_waiting() -> None:  # the first attempt failed: now in the 30 s backoff
+        while server.hits("jfk.mp3") == 0:
+            time.sleep(0.01)
+        time.sleep(0.3)
+        cancelled_at.append(time.monotonic())
+        cancel.set()
+
+    thread = threading.Thread(target=cancel_once_waiting)
+    thread.start()
     slow = fetch.RetryPolicy(max_total_seconds=60, initial_wait=30, max_wait=30)
-    started = time.monotonic()
     with pytest.raises(Cancelled):
         _get(server.url_for("jfk.mp3"), tmp_path, cancel=cancel, retry_policy=slow)
-    assert time.monotonic() - started < 1.5
+    assert time.monotonic() - cancelled_at[0] < 1.0
+    thread.join()
     assert server.hits("jfk.mp3") == 1 and list(tmp_path.iterdir()) == []
 
 

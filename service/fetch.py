@@ -398,10 +398,11 @@ class _Attempt:
     def _vet(self, info: dict[str, Any]) -> None:
         kind = info.get("_type", "video")
         if kind in ("playlist", "multi_video"):
-            count = len(info.get("entries") or [])
+            entries = info.get("entries")
+            count = f"{len(entries)} items" if isinstance(entries, list) else "several items"
             raise JobError(
                 grpc.StatusCode.INVALID_ARGUMENT,
-                f"{self.url} is a playlist ({count} items); submit the URL of one item",
+                f"{self.url} is a playlist ({count}); submit the URL of one item",
             )
         if info.get("is_live") or info.get("live_status") in ("is_live", "is_upcoming"):
             raise JobError(

@@ -296,6 +296,14 @@ def _connection_flags() -> argparse.ArgumentParser:
         help="deadline of short calls (submit, get, list, cancel) [env LONGSCRIBE_TIMEOUT; "
         "default %(default)s]",
     )
+    group.add_argument(
+        "--wait",
+        type=float,
+        default=_env_seconds("WAIT", 0.0),
+        metavar="SECONDS",
+        help="wait this long for a server that is still starting [env LONGSCRIBE_WAIT; "
+        "default 0: fail at once]",
+    )
     return parent
 
 
@@ -467,6 +475,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             tls_key=ns.client_key,
             timeout=ns.timeout,
         ) as client:
+            if ns.wait > 0:
+                client.wait_until_ready(ns.wait)
             return ns.handler(ns, client)
     except LongscribeError as err:
         print(f"error: {err.code_name}: {err.message}", file=sys.stderr)

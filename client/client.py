@@ -176,6 +176,17 @@ class LongscribeClient:
     def __exit__(self, *exc_info: object) -> None:
         self.close()
 
+    def wait_until_ready(self, timeout: float) -> None:
+        """Block until the server accepts connections (a server that is still starting), or
+        raise LongscribeError(UNAVAILABLE) after `timeout` seconds."""
+        try:
+            grpc.channel_ready_future(self._channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise LongscribeError(
+                grpc.StatusCode.UNAVAILABLE,
+                f"no server answered at {self.target} within {timeout:g} s",
+            ) from None
+
     # -- submitting ------------------------------------------------------------------------
 
     def _unary(self, method: Callable[..., object], request: object) -> object:

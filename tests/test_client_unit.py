@@ -14,6 +14,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from concurrent import futures
 from pathlib import Path
@@ -308,6 +309,24 @@ def test_watch_survives_a_server_restart():
     server.stop(0).wait()
     assert seen == list(range(len(second.events[JOB])))
     assert second.watch_from and set(second.watch_from) == {5}
+
+
+def test_wait_until_ready_waits_for_a_server_that_starts_late(capsys):
+    port = _free_port()
+    service = FakeService()
+    holder: list[grpc.Server] = []
+    timer = threading.Timer(0.5, lambda: holder.append(_start_peer(service, port)[0]))
+    timer.start()
+    try:
+        code = cli.main(["jobs", "get", JOB, "--server", f"127.0.0.1:{port}", "--wait", "20"])
+        assert code == 0, capsys.readouterr().err
+    finally:
+        timer.join()
+        for server in holder:
+            server.stop(0).wait()
+    with LongscribeClient(f"127.0.0.1:{_free_port()}") as c, pytest.raises(LongscribeError) as e:
+        c.wait_until_ready(0.3)
+    assert e.value.code == grpc.StatusCode.UNAVAILABLE
 
 
 def test_watch_retries_are_bounded(peer, client):

@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from longscribe.client.client import LongscribeClient
-from longscribe.client.progress import ProgressPrinter
+from longscribe.client.progress import make_progress
 from longscribe.service import config as config_module
 from longscribe.service.server import LongscribeServer, setup_logging
 
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
                 return 1
             print(f"transcribing {source}", file=sys.stderr)
             with LongscribeClient(f"127.0.0.1:{server.port}") as client, \
-                    ProgressPrinter(force=False) as progress:
+                    make_progress("auto", sys.stderr) as progress:
                 result = client.transcribe(source, on_event=progress.on_event,
                                            on_upload=progress.on_upload)
         finally:

@@ -122,7 +122,8 @@ class _Guard:
             raise NewConnectionError(conn, "the download was cancelled")
         try:
             addresses = netguard.resolve_checked(
-                conn._dns_host, conn.port, self.allow_private_networks, self.allow_endpoints
+                getattr(conn, "_dns_host", conn.host), conn.port, self.allow_private_networks,
+                self.allow_endpoints,
             )
         except JobError as e:
             if e.code != grpc.StatusCode.UNAVAILABLE:  # a DNS hiccup stays retryable

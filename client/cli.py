@@ -43,8 +43,6 @@ exit status:
 
 SERVER_EXTRA = "the server needs the 'server' extra: pip install 'longscribe[server]'"
 
-Handler = Callable[[argparse.Namespace, LongscribeClient], int]
-
 
 def exit_code(code: grpc.StatusCode) -> int:
     """The process exit status for a failure with this gRPC status code."""
@@ -487,3 +485,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("longscribe: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
+    except BrokenPipeError:
+        # `longscribe jobs list | head`: the reader left. Point stdout at /dev/null so the
+        # interpreter's final flush doesn't raise again, as the Python docs advise.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        return EXIT_FAILED

@@ -7,12 +7,18 @@ same methods for code that wants its own registry):
 - `set_jobs_by_state({"JOB_STATE_QUEUED": 2, ...})`   gauge longscribe_jobs{state}
 - `add_audio_bytes(n, source="upload")`               counter longscribe_audio_bytes_received_total
 - `observe_chunk_processing(seconds)`                 histogram longscribe_chunk_processing_seconds
+- `observe_window_batch(seconds, windows)`            the same histogram (one batch), plus
+  counter longscribe_windows_transcribed_total and histogram longscribe_window_batch_size
 - `set_realtime_factor(x)`                            gauge longscribe_realtime_factor
-- `QueueMetricsObserver(metrics=None)`: pass as `AudioChunkQueue(observer=...)`; feeds
+- `add_decoded_audio(seconds)`                        counter longscribe_audio_decoded_seconds_total
+- `QueueMetricsObserver(metrics=None, group=None)`: pass as `AudioChunkQueue(observer=...)`; feeds
   longscribe_queue_depth{queue}, longscribe_queue_bytes{queue},
-  longscribe_chunk_wait_seconds{queue} (histogram), longscribe_chunks_dropped_total{queue,reason}
+  longscribe_chunk_wait_seconds{queue} (histogram), longscribe_chunks_dropped_total{queue,reason};
+  with `group`, the histogram and the drop counter are labelled with the group instead of the
+  queue's own name (per-job queues must not leave a histogram per job), and `forget(queue)`
+  removes the queue's depth/bytes series when the queue is done
 - collected at scrape time: longscribe_process_resident_memory_bytes (psutil) and, when torch is
-  loaded with CUDA, longscribe_gpu_memory_{allocated,reserved}_bytes{device}
+  loaded with CUDA, longscribe_gpu_memory_{allocated,reserved,max_allocated}_bytes{device}
 - `start_metrics_server(port, addr="127.0.0.1", metrics=None) -> (server, actual_port)`:
   /metrics over HTTP in a daemon thread (port 0 picks a free one); stop it with
   `stop_metrics_server(server)`.
@@ -32,6 +38,7 @@ from prometheus_client.registry import Collector
 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PROCESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
+_BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
 
 
 class _GpuCollector(Collector):
@@ -48,11 +55,18 @@ class _GpuCollector(Collector):
         reserved = GaugeMetricFamily(
             "longscribe_gpu_memory_reserved_bytes", "GPU memory reserved by torch's allocator",
             labels=["device"])
+        # The peak since start (or the last torch.cuda.reset_peak_memory_stats): what a
+        # benchmark wants, since a scrape between batches misses the transient high.
+        peak = GaugeMetricFamily(
+            "longscribe_gpu_memory_max_allocated_bytes", "Peak GPU memory held by tensors",
+            labels=["device"])
         for i in range(torch.cuda.device_count()):
             allocated.add_metric([str(i)], float(torch.cuda.memory_allocated(i)))
             reserved.add_metric([str(i)], float(torch.cuda.memory_reserved(i)))
+            peak.add_metric([str(i)], float(torch.cuda.max_memory_allocated(i)))
         yield allocated
         yield reserved
+        yield peak
 
 
 class Metrics:
@@ -78,6 +92,14 @@ class Metrics:
         self.audio_bytes = Counter(
             "longscribe_audio_bytes_received", "Media bytes received (uploads, downloads)",
             ["source"], registry=r)
+        self.windows_transcribed = Counter(
+            "longscribe_windows_transcribed", "Audio windows decoded by the engine", registry=r)
+        self.window_batch_size = Histogram(
+            "longscribe_window_batch_size", "Windows per engine batch", buckets=_BATCH_BUCKETS,
+            registry=r)
+        self.audio_decoded = Counter(
+            "longscribe_audio_decoded_seconds", "Audio seconds decoded from media by ffmpeg",
+            registry=r)
         self.realtime_factor = Gauge(
             "longscribe_realtime_factor", "Audio seconds transcribed per wall second (latest)",
             registry=r)
@@ -99,30 +121,59 @@ class Metrics:
     def observe_chunk_processing(self, seconds: float) -> None:
         self.chunk_processing.observe(seconds)
 
+    def observe_window_batch(self, seconds: float, windows: int) -> None:
+        """One engine batch of `windows` windows took `seconds`."""
+        self.chunk_processing.observe(seconds)
+        if windows > 0:
+            self.windows_transcribed.inc(windows)
+            self.window_batch_size.observe(windows)
+
+    def add_decoded_audio(self, seconds: float) -> None:
+        if seconds > 0:
+            self.audio_decoded.inc(seconds)
+
     def set_realtime_factor(self, value: float) -> None:
         self.realtime_factor.set(value)
 
 
 class QueueMetricsObserver:
-    """`AudioChunkQueue` observer that publishes depth, bytes, waits and drops."""
+    """`AudioChunkQueue` observer that publishes depth, bytes, waits and drops.
 
-    def __init__(self, metrics: Metrics | None = None) -> None:
+    `group`: the label for the wait histogram and the drop counter instead of the queue's name,
+    for queues that live as long as one job (a histogram series per job would pile up forever).
+    `forget(queue)` removes the queue's depth/bytes series and ignores its later hooks.
+    """
+
+    def __init__(self, metrics: Metrics | None = None, *, group: str | None = None) -> None:
         self.metrics = metrics or default()
+        self.group = group
+        self._lock = threading.Lock()  # a hook racing forget() must not bring a series back
+        self._forgotten: set[str] = set()
 
     def on_put(self, queue: str, depth: int, nbytes: int) -> None:
         self._set(queue, depth, nbytes)
 
     def on_get(self, queue: str, depth: int, nbytes: int, wait_seconds: float) -> None:
         self._set(queue, depth, nbytes)
-        self.metrics.chunk_wait.labels(queue=queue).observe(wait_seconds)
+        self.metrics.chunk_wait.labels(queue=self.group or queue).observe(wait_seconds)
 
     def on_drop(self, queue: str, depth: int, nbytes: int, reason: str, count: int) -> None:
         self._set(queue, depth, nbytes)
-        self.metrics.chunks_dropped.labels(queue=queue, reason=reason).inc(count)
+        self.metrics.chunks_dropped.labels(queue=self.group or queue, reason=reason).inc(count)
+
+    def forget(self, queue: str) -> None:
+        """The queue is gone: drop its depth/bytes series (not set them to 0 forever)."""
+        with self._lock:
+            self._forgotten.add(queue)
+            self.metrics.queue_depth.remove(queue)
+            self.metrics.queue_bytes.remove(queue)
 
     def _set(self, queue: str, depth: int, nbytes: int) -> None:
-        self.metrics.queue_depth.labels(queue=queue).set(depth)
-        self.metrics.queue_bytes.labels(queue=queue).set(nbytes)
+        with self._lock:
+            if queue in self._forgotten:
+                return
+            self.metrics.queue_depth.labels(queue=queue).set(depth)
+            self.metrics.queue_bytes.labels(queue=queue).set(nbytes)
 
 
 _default: Metrics | None = None
@@ -148,6 +199,14 @@ def add_audio_bytes(n: int, source: str = "upload") -> None:
 
 def observe_chunk_processing(seconds: float) -> None:
     default().observe_chunk_processing(seconds)
+
+
+def observe_window_batch(seconds: float, windows: int) -> None:
+    default().observe_window_batch(seconds, windows)
+
+
+def add_decoded_audio(seconds: float) -> None:
+    default().add_decoded_audio(seconds)
 
 
 def set_realtime_factor(value: float) -> None:

@@ -114,6 +114,53 @@ def test_module_functions_feed_the_default_server() -> None:
         m.stop_metrics_server(server)
 
 
+def test_engine_and_decode_series(served: tuple[m.Metrics, int]) -> None:
+    metrics, port = served
+    metrics.observe_window_batch(0.5, 8)
+    metrics.add_decoded_audio(30.0)
+    first = scrape(port)
+    metrics.observe_window_batch(1.5, 3)
+    metrics.observe_window_batch(0.1, 0)  # an empty batch still took time, adds no windows
+    metrics.add_decoded_audio(12.5)
+    metrics.add_decoded_audio(-1.0)  # ignored: a counter never goes down
+    second = scrape(port)
+    assert first[("longscribe_windows_transcribed_total", ())] == 8
+    assert second[("longscribe_windows_transcribed_total", ())] == 11
+    assert second[("longscribe_window_batch_size_count", ())] == 2
+    assert second[("longscribe_window_batch_size_bucket", (("le", "4.0"),))] == 1
+    assert second[("longscribe_window_batch_size_bucket", (("le", "8.0"),))] == 2
+    assert second[("longscribe_chunk_processing_seconds_count", ())] == 3
+    assert second[("longscribe_chunk_processing_seconds_sum", ())] == pytest.approx(2.1)
+    assert first[("longscribe_audio_decoded_seconds_total", ())] == 30.0
+    assert second[("longscribe_audio_decoded_seconds_total", ())] == 42.5
+
+
+def test_grouped_observer_forgets_a_finished_queue(served: tuple[m.Metrics, int]) -> None:
+    metrics, port = served
+    observer = m.QueueMetricsObserver(metrics, group="decode")
+    q: AudioChunkQueue[bytes] = AudioChunkQueue(4, OverflowPolicy.BLOCK, name="decode:job1",
+                                                observer=observer)
+    q.put(b"a" * 10)
+    q.put(b"b" * 20)
+    q.get()
+    during = scrape(port)
+    assert during[("longscribe_queue_depth", (("queue", "decode:job1"),))] == 1
+    assert during[("longscribe_queue_bytes", (("queue", "decode:job1"),))] == 20
+    # The per-job name labels only the gauges; waits and drops go under the stable group.
+    assert during[("longscribe_chunk_wait_seconds_count", (("queue", "decode"),))] == 1
+    assert not any(labels == (("queue", "decode:job1"),) for name, labels in during
+                   if name.startswith("longscribe_chunk_wait"))
+    q.close()
+    q.flush(reason="closed")
+    observer.forget("decode:job1")
+    observer.on_put("decode:job1", 3, 30)  # a late hook must not bring the series back
+    after = scrape(port)
+    assert not any(dict(labels).get("queue") == "decode:job1" for _, labels in after)
+    assert after[("longscribe_chunks_dropped_total",
+                  (("queue", "decode"), ("reason", "closed")))] == 1
+    observer.forget("never-seen")  # forgetting an unknown queue is harmless
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_gpu_memory_is_reported(served: tuple[m.Metrics, int]) -> None:
     _, port = served
@@ -123,3 +170,9 @@ def test_gpu_memory_is_reported(served: tuple[m.Metrics, int]) -> None:
     reserved = samples[("longscribe_gpu_memory_reserved_bytes", (("device", "0"),))]
     assert allocated >= 64 << 20 and reserved >= allocated
     del block
+    torch.cuda.empty_cache()
+    after = scrape(port)
+    peak = after[("longscribe_gpu_memory_max_allocated_bytes", (("device", "0"),))]
+    # The block is freed but the peak remembers it.
+    assert after[("longscribe_gpu_memory_allocated_bytes", (("device", "0"),))] < peak
+    assert peak >= 64 << 20

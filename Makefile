@@ -44,7 +44,6 @@ bench: install
 
 lint: install
 	$(VENV)/bin/ruff check .
-	$(VENV)/bin/ruff format --check service client bench tests
 
 clean:
 	rm -rf $(VENV) build *.egg-info bench/out

@@ -142,6 +142,8 @@ def serve(config: config_module.Config) -> int:
             server.stop(grace=1.0)
             return 1
     log.info("shutting down")
+    # Exiting while the loader thread is inside torch's native code aborts the process.
+    server.ready.wait(60.0)
     server.stop()
     log.info("stopped")
     return 0

@@ -99,6 +99,8 @@ class BatchDecoder:
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = self.n_ctx // 2
         self.emb = dec.token_embedding.weight.detach().to(dtype)
+        self.emb_t = self.emb.T.contiguous()  # (d, vocab) for the logits matmul
+        self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
         self.layers = [_Layer(b, dtype) for b in dec.blocks]
@@ -136,9 +138,15 @@ class BatchDecoder:
         return [codes[int(t)] for t in tokens.tolist()]
 
     # --- decoder -----------------------------------------------------------------------------
-    def _attn(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+    def _attn(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
               causal: bool) -> torch.Tensor:
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=causal)
+        """q (B,H,T,D); keys given transposed (B,H,D,S), as the caches store them."""
+        if q.shape[2] == 1:
+            # one query per row: plain matmuls beat the fused CPU kernel by ~10x here
+            w = (q @ k_t) * self.scale
+            out = w.float().softmax(dim=-1).to(q.dtype) @ v
+        else:
+            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2), v, is_causal=causal)
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d)
 
@@ -154,9 +162,9 @@ class BatchDecoder:
         for layer, kv, (ck, cv) in zip(self.layers, cache, cross, strict=True):
             h = _ln(x, layer.ln1)
             q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
-            kv[0][:, :, offset:offset + t] = self._heads(k)
+            kv[0][:, :, :, offset:offset + t] = self._heads(k).transpose(-1, -2)
             kv[1][:, :, offset:offset + t] = self._heads(v)
-            a = self._attn(self._heads(q), kv[0][:, :, :offset + t], kv[1][:, :, :offset + t],
+            a = self._attn(self._heads(q), kv[0][..., :offset + t], kv[1][:, :, :offset + t],
                            causal=t > 1)
             x = x + F.linear(a, *layer.out)
             h = _ln(x, layer.ln2)
@@ -167,7 +175,7 @@ class BatchDecoder:
         return _ln(x, self.ln)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.emb.T).float()
+        return (hidden @ self.emb_t).float()
 
     def _apply_rules(self, logits: torch.Tensor, step: int, last: torch.Tensor,
                      penult: torch.Tensor, ts_max: torch.Tensor) -> None:
@@ -214,12 +222,14 @@ class BatchDecoder:
         d = self.emb.shape[1]
         hd = d // self.n_head
         max_len = min(self.n_ctx, l0 + self.sample_len)
-        cache = [[torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)
-                  for _ in range(2)] for _ in self.layers]
+        # keys are stored transposed (B, H, D, S) so the per-step q @ k needs no copy
+        cache = [[torch.empty(n, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
+                  torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
+                 for _ in self.layers]
         cross = []
         for layer in self.layers:
-            ck = self._heads(F.linear(features, layer.ck))
-            cv = self._heads(F.linear(features, *layer.cv))
+            ck = self._heads(F.linear(features, layer.ck)).transpose(-1, -2).contiguous()
+            cv = self._heads(F.linear(features, *layer.cv)).contiguous()
             cross.append((ck, cv))
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
         rows = torch.arange(n, device=dev)  # original row of each live batch entry

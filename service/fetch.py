@@ -15,6 +15,15 @@ Everything is written to a private work folder inside `dest_dir`, removed howeve
 The folder holds an flock while in use; one left behind by a killed process (no lock held) is
 adopted by the next download of the same URL, which then resumes the partial file with a Range
 request instead of starting again.
+
+Streaming (`start_download`): the download runs in a thread, and the file yt-dlp is writing gets
+a second name (a hard link) in `dest_dir` as soon as its first bytes land. That name is the one
+the finished file ends up with, so a reader that tails it reads the final inode whatever yt-dlp
+renames. yt-dlp appends on a resumed retry (Range answered 206 with the same start) but
+rewrites its file from byte 0 when the server ignores the Range (200) or answers 416, and a
+retried HLS/DASH download may re-append fragments; before that happens the link is detached
+(yt-dlp gets a copy to rewrite, the reader's bytes stay put) and `DownloadHandle.restarted` is
+set: whatever was decoded from the growing file is then void.
 """
 
 from __future__ import annotations
@@ -22,6 +31,7 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import inspect
 import logging
 import os
 import shutil
@@ -44,7 +54,7 @@ from urllib3.exceptions import ConnectTimeoutError, NewConnectionError
 from yt_dlp import YoutubeDL
 from yt_dlp.networking._requests import RequestsRH
 from yt_dlp.networking.exceptions import HTTPError, SSLError, TransportError
-from yt_dlp.utils import DownloadCancelled, UnsupportedError
+from yt_dlp.utils import DownloadCancelled, UnsupportedError, parse_http_range
 
 log = logging.getLogger("longscribe.fetch")
 
@@ -106,6 +116,8 @@ class _Guard:
         self.allow_endpoints = frozenset(allow_endpoints)
         self.cancel = cancel
         self.failure: JobError | None = None
+        # called (from yt-dlp's thread) when a Range resume is refused, before yt-dlp rewrites
+        self.on_resume_refused: Callable[[], None] | None = None
         self._sockets: weakref.WeakSet[socket.socket] = weakref.WeakSet()
         self._lock = threading.Lock()
         self.pool_classes = _guarded_pool_classes(self)
@@ -188,6 +200,25 @@ class GuardedRH(RequestsRH):
 
     def _get_proxies(self, request: Any) -> dict[str, str]:
         return {}  # a proxy would connect on the target's behalf, past the address check
+
+    def _send(self, request: Any) -> Any:
+        # yt-dlp keeps appending only when a "Range: bytes=N-" (N > 0) gets a 206 starting at N;
+        # anything else (200, 416, another start) makes it rewrite its file from byte 0.
+        start = parse_http_range(request.headers.get("Range"))[0]
+        try:
+            response = super()._send(request)
+        except HTTPError as e:
+            if start and e.status == 416:
+                self._refused()
+            raise
+        if start and (response.status != 206 or parse_http_range(
+                response.headers.get("Content-Range"))[0] != start):
+            self._refused()
+        return response
+
+    def _refused(self) -> None:
+        if self.guard.on_resume_refused is not None:
+            self.guard.on_resume_refused()
 
 
 class _GuardedYoutubeDL(YoutubeDL):
@@ -353,6 +384,8 @@ class _Attempt:
         self.min_free_bytes = min_free_bytes
         self.socket_timeout = socket_timeout
         self._checked_disk_at: int | None = None
+        self.on_file: Callable[[dict[str, Any]], None] | None = None  # streaming only
+        self.protocols: set[str] = set()
 
     def _limit(self, size: int, what: str) -> None:
         if self.max_bytes and size > self.max_bytes:
@@ -377,6 +410,8 @@ class _Attempt:
         cancel = self.guard.cancel
         if cancel is not None and cancel.is_set():
             raise _Stop()
+        if self.on_file is not None and d.get("status") == "downloading":
+            self.on_file(d)
         done = int(d.get("downloaded_bytes") or 0)
         exact = d.get("total_bytes")
         if exact:  # an estimate (HLS) is not refused on; the running count catches it
@@ -411,6 +446,7 @@ class _Attempt:
                 f"{self.url} is a live stream; only recorded media can be transcribed",
             )
         formats = info.get("requested_formats") or [info]
+        self.protocols = {str(f.get("protocol") or "") for f in formats}
         for fmt in formats:
             protocol = str(fmt.get("protocol") or "")
             if protocol not in NATIVE_PROTOCOLS:
@@ -456,6 +492,7 @@ def _watch(cancel: threading.Event, guard: _Guard, done: threading.Event) -> Non
 
 _URL_FILE = "url"
 _LOCK_FILE = ".lock"
+_FINAL_FILE = "final-name"  # the early name a streaming download gave its file in dest
 
 
 def _try_lock(folder: Path) -> int | None:
@@ -514,6 +551,96 @@ def _unique(dest_dir: Path, suffix: str) -> Path:
     raise JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, f"too many downloads in {dest_dir}")
 
 
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def _drop_stale_reservation(dest: Path, work: Path) -> None:
+    """An adopted work folder may come with the early name a killed streaming download gave its
+    file in `dest`; that name is a second link to a file in `work`, so it goes."""
+    try:
+        name = (work / _FINAL_FILE).read_text()
+    except OSError:
+        return
+    stale = dest / name
+    if Path(name).name != name or not stale.is_file():
+        return
+    if any(_same_file(stale, f) for f in work.iterdir() if f.is_file()):
+        stale.unlink(missing_ok=True)
+
+
+class _Stream:
+    """The file of a streaming download: early final name, readiness, restart detection."""
+
+    def __init__(self, dest: Path) -> None:
+        self.dest = dest
+        self.work: Path | None = None
+        self.part: Path | None = None  # the file yt-dlp writes, inside the work folder
+        self.final: Path | None = None  # its second name in dest: the finished file's name
+        self.container_hint: str | None = None
+        self.file_ready = threading.Event()
+        self.restarted = threading.Event()
+        self._lock = threading.Lock()
+
+    def saw(self, d: dict[str, Any]) -> None:
+        """Progress hook: the first time bytes land, link yt-dlp's file to its final name."""
+        if self.final is not None or self.restarted.is_set() or self.work is None:
+            return
+        tmp = d.get("tmpfilename")
+        if not tmp or tmp == "-" or not os.path.isfile(tmp):
+            return
+        part = Path(tmp)
+        suffix = Path(str(d.get("filename") or tmp.removesuffix(".part"))).suffix.lower()
+        final = _unique(self.dest, suffix)
+        try:
+            # recorded first, so a process killed right after linking leaves no orphan name
+            (self.work / _FINAL_FILE).write_text(final.name)
+            os.link(part, final)  # same inode: yt-dlp's renames never strand a reader
+        except OSError as e:
+            log.info("cannot stream %s while it downloads: %s", part.name, e)
+            return
+        with self._lock:
+            self.part, self.final, self.container_hint = part, final, suffix
+        self.file_ready.set()
+
+    def detach(self, why: str) -> None:
+        """yt-dlp is about to rewrite its file from byte 0: give it a copy to rewrite, so the
+        bytes a reader already took stay as they were, and mark the stream void."""
+        with self._lock:
+            if self.final is None or self.restarted.is_set():
+                return
+            self.restarted.set()
+            part, final = self.part, self.final
+        log.info("the download of %s restarts (%s): streamed decoding is void", final.name, why)
+        if part is not None and _same_file(part, final):
+            copy = part.with_name(part.name + ".copy")
+            shutil.copyfile(part, copy)
+            os.replace(copy, part)
+
+    def place(self, path: Path) -> Path:
+        """Give the finished file `path` its final name in dest."""
+        with self._lock:
+            final = self.final
+        if final is not None and _same_file(path, final):
+            path.unlink()  # the early name already is the file; drop yt-dlp's name for it
+            return final
+        if final is not None:  # a different file than the one readers were given
+            self.restarted.set()
+            final.unlink(missing_ok=True)
+        final = _unique(self.dest, path.suffix.lower())
+        os.replace(path, final)
+        return final
+
+    def discard(self) -> None:
+        with self._lock:
+            final, self.final = self.final, None
+        if final is not None:
+            final.unlink(missing_ok=True)
+
+
 def download(
     url: str,
     dest_dir: Path | str,
@@ -534,6 +661,29 @@ def download(
     bounded by `retry_policy.max_total_seconds`). `max_bytes` 0 means no limit.
     `allow_endpoints`: (ip, port) pairs allowed even when private (see netguard.check_url).
     Raises JobError (see _classify for the codes) or errors.Cancelled."""
+    return _download(
+        url, dest_dir, None, on_progress=on_progress, cancel=cancel, max_bytes=max_bytes,
+        allow_private_networks=allow_private_networks, retries=retries,
+        retry_policy=retry_policy, min_free_bytes=min_free_bytes, socket_timeout=socket_timeout,
+        allow_endpoints=allow_endpoints,
+    )
+
+
+def _download(
+    url: str,
+    dest_dir: Path | str,
+    stream: _Stream | None,
+    *,
+    on_progress: Callable[[FetchProgress], None] | None,
+    cancel: threading.Event | None,
+    max_bytes: int,
+    allow_private_networks: bool,
+    retries: int,
+    retry_policy: RetryPolicy | None,
+    min_free_bytes: int,
+    socket_timeout: float,
+    allow_endpoints: Collection[netguard.Endpoint],
+) -> Path:
     netguard.check_url(url, allow_private_networks, allow_endpoints)
     if cancel is not None and cancel.is_set():
         raise Cancelled("the download was cancelled")
@@ -542,6 +692,7 @@ def download(
     try:
         dest.mkdir(parents=True, exist_ok=True)
         work, lock_fd = _claim_work_dir(dest, url)
+        _drop_stale_reservation(dest, work)
     except OSError as e:
         code = grpc.StatusCode.RESOURCE_EXHAUSTED if e.errno == errno.ENOSPC else (
             grpc.StatusCode.INTERNAL)
@@ -553,8 +704,18 @@ def download(
         watcher = threading.Thread(target=_watch, args=(cancel, guard, done), daemon=True)
         watcher.start()
     attempt = _Attempt(url, work, guard, on_progress, max_bytes, min_free_bytes, socket_timeout)
+    if stream is not None:
+        stream.work = work
+        attempt.on_file = stream.saw
+        guard.on_resume_refused = lambda: stream.detach("the server refused to resume")
+    tries = 0
 
     def one_try() -> Path:
+        nonlocal tries
+        tries += 1
+        if stream is not None and tries > 1 and not attempt.protocols <= {"http", "https"}:
+            # a retried fragment download resumes by fragment index, which can re-append
+            stream.detach("a retried fragmented download")
         try:
             return attempt.run()
         except JobError:
@@ -583,6 +744,7 @@ def download(
         ),
         reraise=True,
     )
+    placed = False
     try:
         try:
             path = retrying(one_try)
@@ -591,12 +753,90 @@ def download(
             raise JobError(
                 grpc.StatusCode.UNAVAILABLE, f"{e.message} (gave up after {tried} attempts)"
             ) from None
-        final = _unique(dest, path.suffix.lower())
-        os.replace(path, final)
+        if stream is not None:
+            final = stream.place(path)
+        else:
+            final = _unique(dest, path.suffix.lower())
+            os.replace(path, final)
+        placed = True
         return final
     finally:
         done.set()
         if watcher is not None:
             watcher.join()
+        if stream is not None and not placed:
+            stream.discard()  # a failed download leaves no file, not even the early name
         shutil.rmtree(work, ignore_errors=True)
         os.close(lock_fd)  # after the removal, so no one adopts a half-deleted folder
+
+
+class DownloadHandle:
+    """A download running in a background thread (see `start_download`).
+
+    `file_ready` is set once bytes land in `partial_path` (or the download ended);
+    `partial_path` is the file being written, under the name the finished file will have, or
+    None (nothing landed yet, or the download restarted); `container_hint` is its extension
+    (".mp3") for `audio.can_stream_while_growing`; `restarted` is set when the file a reader
+    was given was abandoned (anything decoded from it is void: decode `result()` instead);
+    `finished` is set however the download ends."""
+
+    def __init__(self, url: str, stream: _Stream, cancel: threading.Event) -> None:
+        self.url = url
+        self._stream = stream
+        self.cancel_event = cancel
+        self.file_ready = stream.file_ready
+        self.restarted = stream.restarted
+        self.finished = threading.Event()
+        self._path: Path | None = None
+        self._error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+
+    @property
+    def partial_path(self) -> Path | None:
+        return None if self.restarted.is_set() else self._stream.final
+
+    @property
+    def container_hint(self) -> str | None:
+        return self._stream.container_hint
+
+    def cancel(self) -> None:
+        self.cancel_event.set()
+
+    def result(self, timeout: float | None = None) -> Path:
+        """The finished file; re-raises the download's JobError / Cancelled."""
+        if not self.finished.wait(timeout):
+            raise TimeoutError(f"the download of {self.url} is still running")
+        if self._error is not None:
+            raise self._error
+        assert self._path is not None
+        return self._path
+
+    def _run(self, target: Callable[[], Path]) -> None:
+        try:
+            self._path = target()
+        except BaseException as e:  # handed to whoever calls result()
+            self._error = e
+        finally:
+            self.file_ready.set()  # a waiter on file_ready must not wait for nothing
+            self.finished.set()
+
+
+def start_download(url: str, dest_dir: Path | str, **options: Any) -> DownloadHandle:
+    """Run `download(url, dest_dir, **options)` in a background thread; return its handle.
+    With no `cancel` event in `options`, the handle makes one (`handle.cancel()` sets it)."""
+    inspect.signature(download).bind(url, dest_dir, **options)  # a bad keyword fails here
+    cancel = options.pop("cancel", None) or threading.Event()
+    defaults = {
+        name: p.default for name, p in inspect.signature(download).parameters.items()
+        if p.kind is inspect.Parameter.KEYWORD_ONLY
+    }
+    stream = _Stream(Path(dest_dir))
+    handle = DownloadHandle(url, stream, cancel)
+    kwargs = {**defaults, **options, "cancel": cancel}
+    thread = threading.Thread(
+        target=handle._run, args=(lambda: _download(url, dest_dir, stream, **kwargs),),
+        name="fetch", daemon=True,
+    )
+    handle._thread = thread
+    thread.start()
+    return handle

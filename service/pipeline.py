@@ -13,11 +13,12 @@ from pathlib import Path
 from typing import Any
 
 import grpc
-from longscribe.service import formats
-from longscribe.service.audio import AudioStreamContext, probe_duration
+from longscribe.service import formats, metrics
+from longscribe.service.audio import probe_duration
 from longscribe.service.engine import DecodeOptions, WindowResult
 from longscribe.service.errors import Cancelled, JobError, exhausted
 from longscribe.service.fetch import FetchProgress, download
+from longscribe.service.ingest import ChunkStream
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.segment import Segmenter, Window
 from longscribe.service.store import JobRow, JobStore, StoredWindow
@@ -131,7 +132,10 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
     started = time.monotonic()
     transcribing = False
 
-    with AudioStreamContext(media, work_dir=ctx.tmp_dir, cancel=ctx.cancel) as stream:
+    # ChunkStream decodes ahead of the engine through one bounded queue: memory stays flat
+    # whatever the media length, and a slow engine throttles ffmpeg.
+    with ChunkStream(media, job_id=ctx.row.job_id, work_dir=ctx.tmp_dir, cancel=ctx.cancel,
+                     received_source="download" if base else None) as stream:
         windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
         for result, was_stored in _merge_stored(windows, stored, ctx, options):
             if not transcribing:
@@ -156,6 +160,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
             done = min(result.end, duration) if duration else result.end
             elapsed = max(time.monotonic() - started, 1e-6)
             rtf = done / elapsed
+            metrics.set_realtime_factor(rtf)
             span = 99.0 - base
             ctx.progress(
                 pb.JOB_STATE_TRANSCRIBING,

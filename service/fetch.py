@@ -594,12 +594,12 @@ class _Stream:
             return
         part = Path(tmp)
         suffix = Path(str(d.get("filename") or tmp.removesuffix(".part"))).suffix.lower()
-        final = _unique(self.dest, suffix)
         try:
+            final = _unique(self.dest, suffix)
             # recorded first, so a process killed right after linking leaves no orphan name
             (self.work / _FINAL_FILE).write_text(final.name)
             os.link(part, final)  # same inode: yt-dlp's renames never strand a reader
-        except OSError as e:
+        except (OSError, JobError) as e:
             log.info("cannot stream %s while it downloads: %s", part.name, e)
             return
         with self._lock:
@@ -821,11 +821,21 @@ class DownloadHandle:
             self.finished.set()
 
 
+def _follow(outer: threading.Event, inner: threading.Event, finished: threading.Event) -> None:
+    while not finished.wait(0.05):
+        if outer.is_set():
+            inner.set()
+            return
+
+
 def start_download(url: str, dest_dir: Path | str, **options: Any) -> DownloadHandle:
     """Run `download(url, dest_dir, **options)` in a background thread; return its handle.
-    With no `cancel` event in `options`, the handle makes one (`handle.cancel()` sets it)."""
+
+    The download stops on `handle.cancel()` (its own event, so a caller can stop the download,
+    e.g. when decoding failed, without cancelling the job) or when `options["cancel"]` is set."""
     inspect.signature(download).bind(url, dest_dir, **options)  # a bad keyword fails here
-    cancel = options.pop("cancel", None) or threading.Event()
+    outer: threading.Event | None = options.pop("cancel", None)
+    cancel = threading.Event()
     defaults = {
         name: p.default for name, p in inspect.signature(download).parameters.items()
         if p.kind is inspect.Parameter.KEYWORD_ONLY
@@ -839,4 +849,7 @@ def start_download(url: str, dest_dir: Path | str, **options: Any) -> DownloadHa
     )
     handle._thread = thread
     thread.start()
+    if outer is not None:
+        threading.Thread(target=_follow, args=(outer, cancel, handle.finished), name="fetch-cancel",
+                         daemon=True).start()
     return handle

@@ -163,25 +163,38 @@ def test_404_fails_the_handle(server: LocalServer, tmp_path: Path) -> None:
     assert handle.partial_path is None and list(tmp_path.iterdir()) == []
 
 
-def test_cancel_stops_download_and_decoding(server: LocalServer, tmp_path: Path) -> None:
+@pytest.mark.parametrize("who", ["job", "handle"])
+def test_cancel_stops_download_and_decoding(server: LocalServer, tmp_path: Path, who: str) -> None:
+    # "job": one event cancels both, as a job's cancel does; "handle": only the download is
+    # stopped, and the decoder ends because `finished` is set and the file is read to its end
     server.throttle(30_000)
-    handle = _start(server.url_for("talk.mp3"), tmp_path)
+    job_cancel = threading.Event()
+    handle = _start(server.url_for("talk.mp3"), tmp_path, cancel=job_cancel)
     assert handle.file_ready.wait(10)
     path = handle.partial_path
     assert path is not None
     with AudioStreamContext(path, chunk_seconds=1.0, growing=handle.finished,
-                            cancel=handle.cancel_event) as s:
+                            cancel=job_cancel) as s:
         chunks = s.chunks()
         next(chunks)  # decoding is under way on the growing file
         pid = s.pid
         assert pid is not None and psutil.pid_exists(pid)
         began = time.monotonic()
-        handle.cancel()
-        with pytest.raises(Cancelled):
+        if who == "job":
+            job_cancel.set()
+        else:
+            handle.cancel()
+        ended: JobError | None = None
+        try:
             for _ in chunks:
                 pass
+        except JobError as e:  # job: Cancelled; handle: EOF mid-frame may or may not fail
+            ended = e
+    assert isinstance(ended, Cancelled) == (who == "job")
     assert handle.finished.wait(1.0)
     assert time.monotonic() - began < 1.0
+    assert job_cancel.is_set() == (who == "job")
+    assert s.seconds_decoded < 20  # stopped, not decoded to the end of the 33 s
     with pytest.raises(Cancelled):
         handle.result(timeout=0)
     assert psutil.Process().children(recursive=True) == []  # ffmpeg reaped

@@ -4,6 +4,8 @@
 from __future__ import annotations
 
 import contextlib
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,7 +19,7 @@ from longscribe.service import fetch
 from longscribe.service.audio import AudioStreamContext, can_stream_while_growing
 from longscribe.service.errors import Cancelled, JobError
 
-from tests.conftest import JFK, ffmpeg, require_testdata
+from tests.conftest import JFK, ROOT, ffmpeg, require_testdata
 from tests.httpserver import LocalServer, serve_directory
 
 FAST = fetch.RetryPolicy(max_total_seconds=20.0, initial_wait=0.05, max_wait=0.2)
@@ -216,3 +218,45 @@ def test_plain_mp4_waits_for_the_whole_file(
     final = handle.result(timeout=20)
     assert final == path and final.read_bytes() == source
     assert abs(_samples(final) - 11 * 16000) < 16000
+
+
+_CHILD = """
+import sys
+from longscribe.service import fetch
+fetch.start_download(sys.argv[1], sys.argv[2], allow_private_networks=True).result()
+"""
+
+
+def test_killed_streaming_download_resumes_under_the_same_name(
+    server: LocalServer, media: Path, tmp_path: Path
+) -> None:
+    """A process killed mid-way leaves its work folder and the early name (a second link to the
+    partial file); the next download adopts the folder, drops that stale name and resumes."""
+    server.throttle(40_000)
+    url = server.url_for("talk.mp3")
+    child = subprocess.Popen([sys.executable, "-c", _CHILD, url, str(tmp_path)], cwd=ROOT)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            early = tmp_path / "download.mp3"
+            if early.is_file() and early.stat().st_size >= 40_000:
+                break
+            time.sleep(0.05)
+        else:
+            pytest.fail("the child's download never got going")
+    finally:
+        child.kill()
+        child.wait()
+    server.throttle(200_000)
+    handle = _start(url, tmp_path)
+    assert handle.file_ready.wait(10)
+    path = handle.partial_path
+    assert path == tmp_path / "download.mp3"
+    with AudioStreamContext(path, chunk_seconds=5.0, growing=handle.finished) as s:
+        streamed = sum(c.num_samples for c in s.chunks())
+    final = handle.result(timeout=10)
+    assert final == path and not handle.restarted.is_set()
+    assert final.read_bytes() == (media / "talk.mp3").read_bytes()
+    assert [h.status for h in server.log if h.range] == [206]  # resumed, not restarted
+    assert list(tmp_path.iterdir()) == [final]
+    assert 0 <= streamed - _samples(final) <= MP3_END_PADDING

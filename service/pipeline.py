@@ -6,6 +6,7 @@ segments and durable updates, and gets back the final Result (or a JobError / Ca
 from __future__ import annotations
 
 import logging
+import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -14,10 +15,10 @@ from typing import Any
 
 import grpc
 from longscribe.service import formats, metrics
-from longscribe.service.audio import probe_duration
+from longscribe.service.audio import can_stream_while_growing, probe_duration
 from longscribe.service.engine import DecodeOptions, WindowResult
 from longscribe.service.errors import Cancelled, JobError, exhausted
-from longscribe.service.fetch import FetchProgress, download
+from longscribe.service.fetch import DownloadHandle, FetchProgress, start_download
 from longscribe.service.ingest import ChunkStream
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.segment import Segmenter, Window
@@ -51,17 +52,13 @@ class JobContext:
 
 def run_pipeline(ctx: JobContext) -> pb.Result:
     ctx.check_cancelled()
-    media, downloaded = _obtain_media(ctx)
-    duration = probe_duration(media) or 0.0
-    limit = ctx.config.max_duration_seconds
-    if duration > limit:
-        raise exhausted(
-            f"the media lasts {duration / 60:.1f} min, over this server's limit of "
-            f"{limit / 60:.1f} min (max_duration_seconds)"
-        )
-    ctx.update(duration=duration)
-    base = DOWNLOAD_SHARE if downloaded else 0.0
-    segments, language = _transcribe(ctx, media, duration, base)
+    base = DOWNLOAD_SHARE if ctx.row.source_kind == "url" else 0.0
+    media, handle = _obtain_media(ctx)
+    if handle is None:
+        duration = _checked_duration(ctx, media)
+        segments, language = _transcribe(ctx, media, duration, base)
+    else:
+        segments, language, duration = _transcribe_while_downloading(ctx, handle, base)
     ctx.set_phase(pb.JOB_STATE_FINALIZING, percent=99.0, audio_seconds_done=duration,
                   audio_seconds_total=duration, message="rendering formats")
     # Segment texts may or may not carry whisper's leading space: join on words, not bytes.
@@ -75,27 +72,44 @@ def run_pipeline(ctx: JobContext) -> pb.Result:
     )
 
 
-def _obtain_media(ctx: JobContext) -> tuple[Path, bool]:
-    """The media file on local disk, and whether it had to be downloaded."""
+def _checked_duration(ctx: JobContext, media: Path) -> float:
+    duration = probe_duration(media) or 0.0
+    _check_duration_limit(ctx, duration)
+    ctx.update(duration=duration)
+    return duration
+
+
+def _check_duration_limit(ctx: JobContext, seconds: float) -> None:
+    limit = ctx.config.max_duration_seconds
+    if seconds > limit:
+        raise exhausted(
+            f"the media lasts {seconds / 60:.1f} min or more, over this server's limit of "
+            f"{limit / 60:.1f} min (max_duration_seconds)"
+        )
+
+
+def _obtain_media(ctx: JobContext) -> tuple[Path, DownloadHandle | None]:
+    """The media file on local disk. For a download whose container can be decoded while it
+    grows (mp3, wav, ogg, webm, fragmented mp4; not mp4/m4a with the index at the end), the
+    file still being written and its download handle."""
     row = ctx.row
     if row.source_kind == "path":
-        return resolve_media_path(ctx.config.media_root, row.source), False
+        return resolve_media_path(ctx.config.media_root, row.source), None
     if row.media_path and Path(row.media_path).is_file():
-        return Path(row.media_path), row.source_kind == "url"  # uploaded, or downloaded already
+        return Path(row.media_path), None  # uploaded, or downloaded before a restart
     if row.source_kind != "url":
         raise JobError(grpc.StatusCode.DATA_LOSS,
                        "the uploaded file is gone (the server lost it); upload it again")
     ctx.set_phase(pb.JOB_STATE_DOWNLOADING, percent=0.0, message=f"downloading {row.source}")
-    started = time.monotonic()
 
     def on_progress(p: FetchProgress) -> None:
-        total = p.total_bytes or 0
-        share = DOWNLOAD_SHARE * (p.fraction or 0.0)
-        ctx.progress(pb.JOB_STATE_DOWNLOADING, percent=share, bytes_done=p.downloaded_bytes,
-                     bytes_total=total, bytes_per_second=p.speed or 0.0,
-                     eta_seconds=p.eta or 0.0)
+        # While decoding runs on the growing file, download progress belongs to that phase.
+        phase = row.state if row.state in _STREAMING_PHASES else pb.JOB_STATE_DOWNLOADING
+        ctx.progress(phase, percent=DOWNLOAD_SHARE * (p.fraction or 0.0),
+                     bytes_done=p.downloaded_bytes, bytes_total=p.total_bytes or 0,
+                     bytes_per_second=p.speed or 0.0, eta_seconds=p.eta or 0.0)
 
-    path = download(
+    handle = start_download(
         row.source,
         ctx.job_dir / "download",
         on_progress=on_progress,
@@ -104,11 +118,53 @@ def _obtain_media(ctx: JobContext) -> tuple[Path, bool]:
         allow_private_networks=ctx.config.allow_private_networks,
         min_free_bytes=ctx.config.min_free_disk_bytes,
     )
+    handle.file_ready.wait()
+    partial = handle.partial_path
+    if partial is not None and not handle.finished.is_set() and can_stream_while_growing(partial):
+        return partial, handle
+    return _downloaded(ctx, handle), None
+
+
+_STREAMING_PHASES = (pb.JOB_STATE_DECODING, pb.JOB_STATE_TRANSCRIBING)
+
+
+def _downloaded(ctx: JobContext, handle: DownloadHandle) -> Path:
+    """Wait for the download's end; record the file so a restarted job does not fetch again."""
+    path = handle.result()
     size = path.stat().st_size
     ctx.update(media_path=str(path))
-    ctx.set_phase(pb.JOB_STATE_DOWNLOADING, percent=DOWNLOAD_SHARE, bytes_done=size,
-                 bytes_total=size, bytes_per_second=size / max(time.monotonic() - started, 1e-6))
-    return path, True
+    ctx.progress(ctx.row.state, percent=DOWNLOAD_SHARE, bytes_done=size, bytes_total=size,
+                 force=True)
+    return path
+
+
+def _transcribe_while_downloading(ctx: JobContext, handle: DownloadHandle, base: float
+                                  ) -> tuple[list[pb.Segment], str, float]:
+    assert handle.partial_path is not None
+    try:
+        segments, language = _transcribe(ctx, handle.partial_path, 0.0, base,
+                                         growing=handle.finished)
+    except JobError as exc:
+        if isinstance(exc, Cancelled):
+            raise
+        # A decode error on a half-written file is often the download's fault: say which.
+        handle.cancel()
+        try:
+            handle.result()
+        except JobError as download_error:
+            if not isinstance(download_error, Cancelled):
+                raise download_error from exc
+        raise
+    # Always ask: a download that broke off looks like a normal end of file to ffmpeg.
+    path = _downloaded(ctx, handle)
+    duration = _checked_duration(ctx, path)
+    if handle.restarted.is_set():
+        # The server ignored a Range retry: what was decoded came from an abandoned file.
+        log.warning("job %s: download restarted; transcribing the final file again",
+                    ctx.row.job_id)
+        ctx.store.delete_windows(ctx.row.job_id)
+        segments, language = _transcribe(ctx, path, duration, base)
+    return segments, language, duration
 
 
 def decode_options(options: pb.TranscriptionOptions, multilingual: bool) -> DecodeOptions:
@@ -120,8 +176,10 @@ def decode_options(options: pb.TranscriptionOptions, multilingual: bool) -> Deco
     )
 
 
-def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
-                ) -> tuple[list[pb.Segment], str]:
+def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
+                growing: threading.Event | None = None) -> tuple[list[pb.Segment], str]:
+    """Decode, segment and transcribe `media`; `growing`: the file is still being written
+    until this event is set (duration then unknown until it is)."""
     stored = ctx.store.load_windows(ctx.row.job_id)
     ctx.set_phase(pb.JOB_STATE_DECODING, percent=base, audio_seconds_total=duration,
                   message="decoding audio")
@@ -135,7 +193,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
     # ChunkStream decodes ahead of the engine through one bounded queue: memory stays flat
     # whatever the media length, and a slow engine throttles ffmpeg.
     with ChunkStream(media, job_id=ctx.row.job_id, work_dir=ctx.tmp_dir, cancel=ctx.cancel,
-                     received_source="download" if base else None) as stream:
+                     growing=growing, received_source="download" if base else None) as stream:
         windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
         for result, was_stored in _merge_stored(windows, stored, ctx, options):
             if not transcribing:
@@ -155,6 +213,10 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float
                 message.id = len(segments)
                 segments.append(message)
                 ctx.segment(message)
+            if growing is not None:
+                _check_duration_limit(ctx, result.end)
+                if not duration and growing.is_set():
+                    duration = probe_duration(media) or 0.0
             done_windows += 1
             ctx.update(chunks_done=done_windows, chunks_reused=reused)
             done = min(result.end, duration) if duration else result.end

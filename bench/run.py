@@ -104,7 +104,6 @@ def timestamp_match(segment_starts: list[float], duration: float, one: float) ->
 def run_baseline(device: str, long_audio: Path, duration: float) -> dict[str, Any]:
     import torch
     import whisper
-
     from longscribe.service.models import load_model
 
     model = load_model("", device)
@@ -236,8 +235,10 @@ def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
 
 
 def table(report: dict[str, Any]) -> str:
-    rows = ["| side | audio s | wall s | × real time | WER (LJ 234 s) | peak RSS MB | peak GPU MB |",
-            "|---|---|---|---|---|---|---|"]
+    rows = [
+        "| side | audio s | wall s | × real time | WER (LJ 234 s) | peak RSS MB | peak GPU MB |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for side in ("baseline", "service"):
         r = report[side]
         rows.append(f"| {side} | {r['audio_seconds']} | {r['wall_seconds']} | {r['x_realtime']}"
@@ -267,7 +268,6 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     import torch
-
     from longscribe.service.models import resolve_device
 
     device = str(resolve_device(args.device))

@@ -107,8 +107,8 @@ def test_grpcurl_submit_and_get(server: ServerProcess) -> None:
     job_id = job.get("job_id") or job["jobId"]  # grpcurl 1.8 prints proto field names
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        got = run_grpcurl("-plaintext", "-d", json.dumps({"job_id": job_id, "include_result": True}),
-                          server.target, f"{SERVICE}/GetJob")
+        request = json.dumps({"job_id": job_id, "include_result": True})
+        got = run_grpcurl("-plaintext", "-d", request, server.target, f"{SERVICE}/GetJob")
         body = json.loads(got.stdout)
         if body["state"] in ("JOB_STATE_SUCCEEDED", "JOB_STATE_FAILED"):
             break

@@ -34,7 +34,17 @@ from longscribe.service.store import JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
 
-from tests.conftest import JFK, LJ, ServerProcess, ffmpeg, jfk_text, lj_text, require_testdata, wer
+from tests.conftest import (
+    JFK,
+    LJ,
+    TESTDATA,
+    ServerProcess,
+    ffmpeg,
+    jfk_text,
+    lj_text,
+    require_testdata,
+    wer,
+)
 
 pytestmark = pytest.mark.timeout(420)
 
@@ -45,14 +55,30 @@ TERMINAL = {pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED, pb.JOB_STATE_CANCELLED}
 KILL_AFTER_WINDOWS = 4
 TERM_AFTER_MORE_WINDOWS = 2
 TAG = re.compile(r"⟦(k|t)(\d+)⟧")
+LJ_SECONDS = 234.146  # the length of the LJSpeech file (testdata README)
+
+
+# The long media: LJSpeech, then its first 17 sentences again (cut in the pause after
+# LJ001-0017, which ends at 119.904 s): 5.9 min, about 16 windows. Long enough for two stops
+# with windows on both sides of each, short enough for the CI budget on 2 CPU cores.
+REPEAT_SENTENCES = 17
+REPEAT_SECONDS = 120.1
+
+
+def long_text() -> str:
+    rows = (TESTDATA / "ljspeech_LJ001-0001_to_0032.segments.tsv").read_text().splitlines()[1:]
+    again = [row.split("\t", 3)[3] for row in rows[:REPEAT_SENTENCES]]
+    return lj_text() + " " + " ".join(again)
 
 
 @pytest.fixture(scope="module")
 def media(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """The media root: LJSpeech played twice (7.8 min) as a 32 kbit/s mp3, and jfk.flac."""
+    """The media root: the long media as a 32 kbit/s mp3, and jfk.flac."""
     require_testdata()
     root = tmp_path_factory.mktemp("durable-media")
-    ffmpeg("-stream_loop", "1", "-i", str(LJ), "-ac", "1", "-b:a", "32k", str(root / "long.mp3"))
+    total = LJ_SECONDS + REPEAT_SECONDS
+    ffmpeg("-stream_loop", "1", "-i", str(LJ), "-t", f"{total:.3f}", "-ac", "1", "-b:a", "32k",
+           str(root / "long.mp3"))
     shutil.copyfile(JFK, root / "jfk.flac")
     return root
 
@@ -208,7 +234,7 @@ def test_watch_reconnect_gets_every_later_event_exactly_once(clean_run: CleanRun
     # The disconnect did not touch the job: it went on unwatched and succeeded.
     assert clean_run.windows_while_away > clean_run.windows_at_disconnect
     assert clean_run.job.state == pb.JOB_STATE_SUCCEEDED
-    assert wer(lj_text() + " " + lj_text(), clean_run.job.result.text) <= 0.08
+    assert wer(long_text(), clean_run.job.result.text) <= 0.08
 
 
 def is_end(event: pb.JobEvent) -> bool:
@@ -217,14 +243,46 @@ def is_end(event: pb.JobEvent) -> bool:
 
 # --- kill -9, restart, SIGTERM, restart ----------------------------------------------------------
 
-def test_kill9_and_sigterm_mid_job_resume_to_the_clean_transcript(
-    tmp_path_factory: pytest.TempPathFactory, media: Path, clean_run: CleanRun,
-) -> None:
+@dataclass
+class CrashRun:
+    """What the crash-and-restart sequence observed; the tests below judge it."""
+
+    job_id: str
+    # after kill -9
+    decoders_before_kill: list[str]
+    alive_after_kill: list[str]  # the killed server's children still running
+    naming_job_after_kill: list[str]  # any process still touching the job's files
+    state_after_kill: int
+    stored_at_kill: dict[int, int]  # window index → segments, as stored when killed
+    # on the first restart
+    retried_ids: list[str]  # job ids a retried upload / submit with the same request_id got
+    listed_ids: list[str]
+    reused_after_kill: int  # GetJob.chunks_reused once the restarted server moved on
+    # SIGTERM during the first restart
+    term_code: int
+    term_seconds: float
+    alive_after_term: list[str]
+    state_after_term: int
+    stored_at_term: dict[int, int]
+    # the second restart, to the end
+    result: pb.Result
+    job: pb.Job
+    events: list[pb.JobEvent]
+    retried_after_end: pb.Job
+    job_dir_left: bool
+
+
+@pytest.fixture(scope="module")
+def crash(tmp_path_factory: pytest.TempPathFactory, media: Path, clean_run: CleanRun
+          ) -> CrashRun:
+    """Run the long job on a second data dir: kill -9 it once a few windows are stored,
+    restart, SIGTERM it a couple of windows later, restart, and let it finish. The clean run
+    comes first so the two never share the CPU."""
     data = tmp_path_factory.mktemp("crash") / "data"
     db = data / "jobs.sqlite3"
     request_id = "durable-" + uuid.uuid4().hex
 
-    # 1. Start the job and kill -9 the server once a few windows are stored.
+    # 1. Start the job; kill -9 the server once a few windows are stored.
     server = _server(data, media)
     try:
         with LongscribeClient(server.target, timeout=30) as client:
@@ -232,47 +290,39 @@ def test_kill9_and_sigterm_mid_job_resume_to_the_clean_transcript(
             _wait_job(client, job_id, lambda j: j.chunks_done >= KILL_AFTER_WINDOWS, 300,
                       f"{KILL_AFTER_WINDOWS} windows before the kill")
         children = _live_children(server.pid)
-        assert any(p.name() == "ffmpeg" for p in children), "no decoder running mid-job"
+        decoders = [f"{c.pid} {c.name()}" for c in children if c.name() == "ffmpeg"]
         server.kill()
         assert server.proc is not None and server.proc.returncode == -signal.SIGKILL
     finally:
         server.kill()  # no-op once dead
-    # Orphans die with the server's pipes (EPIPE), not only on a clean shutdown.
-    assert _still_running(children, 10) == []
-    assert _processes_naming(job_id) == []
-    state, stored_at_kill = _tag_stored_windows(db, job_id, "k")
-    assert state not in TERMINAL, pb.JobState.Name(state)
-    assert len(stored_at_kill) >= KILL_AFTER_WINDOWS
-    assert sorted(stored_at_kill) == list(range(len(stored_at_kill))), "stored out of order"
+    # Orphans must die with the server's pipes (EPIPE), not only on a clean shutdown.
+    alive_after_kill = _still_running(children, 10)
+    naming_job = _processes_naming(job_id)
+    state_after_kill, stored_at_kill = _tag_stored_windows(db, job_id, "k")
 
-    # 2. Restart on the same data dir: the job resumes by itself and reuses those windows.
+    # 2. Restart on the same data dir: the job resumes by itself.
     server = _server(data, media)
     try:
         with LongscribeClient(server.target, timeout=30) as client:
-            # Idempotent across the restart: a retried submit returns the same job.
-            assert client.upload(media / "long.mp3", request_id=request_id).job_id == job_id
-            assert client.submit_path("jfk.flac", request_id=request_id).job_id == job_id
-            assert [j.job_id for j in client.list()] == [job_id]
+            # Retries with the same request_id, as a client whose first call broke would send.
+            retried = [client.upload(media / "long.mp3", request_id=request_id).job_id,
+                       client.submit_path("jfk.flac", request_id=request_id).job_id]
+            listed = [j.job_id for j in client.list()]
             resumed = _wait_job(
                 client, job_id,
                 lambda j: j.chunks_done >= len(stored_at_kill) + TERM_AFTER_MORE_WINDOWS, 300,
                 "fresh windows after the restart")
-            assert resumed.chunks_reused == len(stored_at_kill)
-            # 3. Graceful stop mid-job: exit 0 within seconds, the job is left resumable.
+            # 3. Graceful stop mid-job.
             children = _live_children(server.pid)
             started = time.monotonic()
             assert server.proc is not None
             server.proc.send_signal(signal.SIGTERM)
-            code = server.proc.wait(timeout=30)
-            stopped_in = time.monotonic() - started
+            term_code = server.proc.wait(timeout=30)
+            term_seconds = time.monotonic() - started
     finally:
         server.kill()
-    assert code == 0, server.log()[-3000:]
-    assert stopped_in < 8.0, f"SIGTERM took {stopped_in:.1f} s"
-    assert _still_running(children, 5) == []
-    state, stored_at_term = _tag_stored_windows(db, job_id, "t")
-    assert state not in TERMINAL, f"SIGTERM left the job {pb.JobState.Name(state)}"
-    assert len(stored_at_term) >= len(stored_at_kill) + TERM_AFTER_MORE_WINDOWS
+    alive_after_term = _still_running(children, 5)
+    state_after_term, stored_at_term = _tag_stored_windows(db, job_id, "t")
 
     # 4. Restart again: the job completes.
     server = _server(data, media)
@@ -283,34 +333,102 @@ def test_kill9_and_sigterm_mid_job_resume_to_the_clean_transcript(
             events = list(client.watch(job_id))
             again = client.submit_path("jfk.flac", request_id=request_id)
     finally:
-        code = server.stop()
-    assert code == 0, server.log()[-3000:]
+        assert server.stop() == 0, server.log()[-3000:]
+    return CrashRun(
+        job_id, decoders, alive_after_kill, naming_job, state_after_kill, stored_at_kill,
+        retried, listed, resumed.chunks_reused, term_code, term_seconds, alive_after_term,
+        state_after_term, stored_at_term, result, job, events, again,
+        (data / "jobs" / job_id).exists(),
+    )
+
+
+def test_kill9_leaves_no_decoder_behind(crash: CrashRun) -> None:
+    assert crash.decoders_before_kill, "no ffmpeg was running when the server was killed"
+    assert crash.alive_after_kill == []
+    assert crash.naming_job_after_kill == []
+    assert crash.state_after_kill not in TERMINAL, pb.JobState.Name(crash.state_after_kill)
+    assert len(crash.stored_at_kill) >= KILL_AFTER_WINDOWS
+    assert sorted(crash.stored_at_kill) == list(range(len(crash.stored_at_kill)))
+
+
+def test_resumed_job_equals_the_clean_run_and_reuses_stored_windows(
+        crash: CrashRun, clean_run: CleanRun) -> None:
+    result, job, clean = crash.result, crash.job, clean_run.job
     assert job.state == pb.JOB_STATE_SUCCEEDED
-    assert again.job_id == job_id and again.state == pb.JOB_STATE_SUCCEEDED
-
-    # Every stored window was reused as stored (its tags are in the result), the others were
-    # decoded again (untagged), and the counts agree.
+    # After the kill, the restarted server reused exactly the windows stored before it.
+    assert crash.reused_after_kill == len(crash.stored_at_kill) > 0
+    assert job.chunks_reused == len(crash.stored_at_term)
+    assert job.chunks_total == job.chunks_done == clean.chunks_total
+    # Every stored window came back as stored (its tag is in the result); a window decoded
+    # again would be untagged. Untagged segments are the windows decoded after the last start.
     tagged = {(m[1], int(m[2])) for s in result.segments if (m := TAG.match(s.text))}
-    assert {i for g, i in tagged if g == "k"} == {i for i, n in stored_at_kill.items() if n}
-    assert {i for g, i in tagged} == {i for i, n in stored_at_term.items() if n}
+    assert {i for g, i in tagged if g == "k"} == {i for i, n in crash.stored_at_kill.items() if n}
+    assert {i for _, i in tagged} == {i for i, n in crash.stored_at_term.items() if n}
     tagged_segments = sum(bool(TAG.match(s.text)) for s in result.segments)
-    assert tagged_segments == sum(stored_at_term.values())
-    assert job.chunks_reused == len(stored_at_term)
-    assert job.chunks_total == job.chunks_done == clean_run.job.chunks_total
-    new_windows = job.chunks_total - job.chunks_reused
-    assert new_windows > 0
-    assert len(result.segments) - tagged_segments == len(clean_run.job.result.segments) - sum(
-        stored_at_term.values()), "windows decoded after the last restart"
-
-    # The transcript equals the clean run's (the engine is deterministic at temperature 0).
-    assert _untag(result.text) == clean_run.job.result.text
-    assert _segments(result) == _segments(clean_run.job.result)
-
-    # The event log survived both stops: contiguous, one terminal event, at the end.
-    assert [e.index for e in events] == list(range(job.event_count))
-    assert [is_end(e) for e in events].count(True) == 1 and events[-1].HasField("result")
+    assert tagged_segments == sum(crash.stored_at_term.values())
+    assert job.chunks_total - job.chunks_reused > 0
+    # The transcript equals the clean run's, text and segment times (greedy decoding at
+    # temperature 0 is deterministic on the same windows).
+    assert _untag(result.text) == clean.result.text
+    assert _segments(result) == _segments(clean.result)
     # The media is kept until the job ends, then removed.
-    assert not (data / "jobs" / job_id).exists()
+    assert not crash.job_dir_left
+
+
+def test_sigterm_mid_job_exits_cleanly_and_the_job_resumes(crash: CrashRun) -> None:
+    assert crash.term_code == 0
+    assert crash.term_seconds < 8.0, f"SIGTERM took {crash.term_seconds:.1f} s"
+    assert crash.alive_after_term == []
+    assert crash.state_after_term not in TERMINAL, pb.JobState.Name(crash.state_after_term)
+    assert len(crash.stored_at_term) >= len(crash.stored_at_kill) + TERM_AFTER_MORE_WINDOWS
+    assert crash.job.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_submit_is_idempotent_across_restarts(crash: CrashRun) -> None:
+    assert crash.retried_ids == [crash.job_id, crash.job_id]
+    assert crash.listed_ids == [crash.job_id], "a retried submit created a second job"
+    assert crash.retried_after_end.job_id == crash.job_id
+    assert crash.retried_after_end.state == pb.JOB_STATE_SUCCEEDED
+
+
+def test_event_log_survives_restarts(crash: CrashRun) -> None:
+    indices = [e.index for e in crash.events]
+    assert indices == list(range(crash.job.event_count)), "gap or repeat in the event log"
+    assert [is_end(e) for e in crash.events].count(True) == 1
+    assert crash.events[-1].HasField("result")
+
+
+def test_resume_does_not_repeat_segment_events(crash: CrashRun) -> None:
+    """A watcher that follows the job across the restarts must get each segment once: the
+    segment events, in order, are the result's segments."""
+    streamed = [(round(e.segment.start, 3), e.segment.text) for e in crash.events
+                if e.HasField("segment")]
+    final = [(round(s.start, 3), s.text) for s in crash.result.segments]
+    assert len(streamed) == len(final), (
+        f"{len(streamed)} segment events for {len(final)} segments")
+    assert [(t, _untag(x)) for t, x in streamed] == [(t, _untag(x)) for t, x in final]
+
+
+def test_watch_from_past_the_end_ends_with_the_job(fresh: ServerProcess) -> None:
+    """WatchJob streams "until the job ends", whatever from_index was: a from_index past the
+    last event gets an empty stream that closes when the job ends."""
+    channel = grpc.insecure_channel(fresh.target)
+    stub = pb_grpc.TranscriptionServiceStub(channel)
+    try:
+        job = stub.SubmitJob(pb.SubmitJobRequest(server_path="jfk.flac"), timeout=30)
+        started = time.monotonic()
+        try:
+            events = list(stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id, from_index=1000),
+                                        timeout=15))
+            code = grpc.StatusCode.OK
+        except grpc.RpcError as err:
+            events, code = [], err.code()  # type: ignore[attr-defined]
+        state = stub.GetJob(pb.GetJobRequest(job_id=job.job_id), timeout=10).state
+    finally:
+        channel.close()
+    assert state == pb.JOB_STATE_SUCCEEDED
+    assert code == grpc.StatusCode.OK, f"{code.name} after {time.monotonic() - started:.0f} s"
+    assert events == []
 
 
 # --- Transcribe: cancel_on_disconnect ------------------------------------------------------------

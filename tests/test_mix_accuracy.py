@@ -132,3 +132,23 @@ def test_mix_layout(mix: Mix) -> None:
     assert sorted(s.kind for s in mix.stretches) == ["noise", "silence", "tone"]
     assert max(s.end - s.start for s in mix.stretches if s.kind == "silence") >= 60
     assert Path(mix.path).stat().st_size < mix.duration * 32000 / 8 * 1.1  # 32 kbps
+
+
+def test_the_checks_catch_bad_transcripts(mix: Mix) -> None:
+    """The checkers above are not vacuous: words in the 60 s silence, a segment stretched over
+    the noise (as whisper's own long-form transcribe() gives on this mix) and segments out of
+    order are all reported."""
+    silence = next(s for s in mix.stretches if s.kind == "silence")
+    noise = next(s for s in mix.stretches if s.kind == "noise")
+    after = next(c for c in mix.clips if c.start >= noise.end)
+    first = mix.clips[0]
+    in_silence = [(silence.start + 10, silence.start + 12, "Thank you for watching.")]
+    assert hallucinated(in_silence, mix)["silence"] == 4
+    assert timing_problems(in_silence, mix)
+    stretched = [(noise.start + 5, after.end, "it was the first great sorrow of his life")]
+    assert hallucinated(stretched, mix) == {"noise": 0, "tone": 0, "silence": 0}
+    assert timing_problems(stretched, mix)
+    backwards = [(after.start, after.end, "later"), (first.start, first.end, "earlier")]
+    assert any("before" in p for p in timing_problems(backwards, mix))
+    assert clip_recall([(first.start, first.end, "")], first) == 0.0
+    assert clip_recall([(first.start, first.end, first.reference)], first) == 1.0

@@ -115,11 +115,18 @@ class SileroScorer:
         idx = np.arange(n)[:, None] * FRAME + np.arange(FRAME + self.CONTEXT)[None, :]
         x = torch.from_numpy(flat[idx])
         self._context = flat[-self.CONTEXT:].copy()
-        with torch.inference_mode():
-            feats = self._encoder(self._stft(x)).squeeze(-1)  # (n, 128)
-            h, self._state = self._lstm(feats.unsqueeze(1), self._state)
-            logits = torch.relu(h.squeeze(1)) @ self._head_w.T + self._head_b
-            return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
+        # one thread, as silero recommends: its ops are small, and on a small CPU the decoder
+        # runs beside it (torch's thread count is per calling thread with OpenMP; restored)
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            with torch.inference_mode():
+                feats = self._encoder(self._stft(x)).squeeze(-1)  # (n, 128)
+                h, self._state = self._lstm(feats.unsqueeze(1), self._state)
+                logits = torch.relu(h.squeeze(1)) @ self._head_w.T + self._head_b
+                return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
+        finally:
+            torch.set_num_threads(threads)
 
 
 class EnergyScorer:
@@ -167,7 +174,9 @@ class Segmenter:
         min_speech_ms: int = 250,
         pad_ms: int = 200,
         max_gap_seconds: float = 3.0,
-        fill_fraction: float = 0.6,
+        fill_fraction: float = 0.5,
+        later_bonus: float = 0.02,
+        energy_margin_db: float = 12.0,
     ) -> None:
         if method not in ("silero", "energy"):
             raise ValueError(f"unknown segmentation method {method!r}: use 'silero' or 'energy'")
@@ -179,12 +188,17 @@ class Segmenter:
         self.min_speech = int(min_speech_ms * SAMPLE_RATE / 1000)
         self.pad = int(pad_ms * SAMPLE_RATE / 1000)
         self.max_gap = int(max_gap_seconds * SAMPLE_RATE)
-        # when a window is full, cut at the longest gap in its last (1 - fill_fraction) part
+        # when a window is full, cut at the best pause in its last (1 - fill_fraction) part;
+        # later_bonus is seconds of pause worth one second more of window
         self.fill_fraction = fill_fraction
+        self.later_bonus = later_bonus
+        self.energy_margin_db = energy_margin_db
         self.max_span = self.max_window - 2 * self.pad
 
     def _scorer(self) -> FrameScorer:
-        return SileroScorer() if self.method == "silero" else EnergyScorer()
+        if self.method == "silero":
+            return SileroScorer()
+        return EnergyScorer(margin_db=self.energy_margin_db)
 
     def windows(self, chunks: Iterable[Any]) -> Iterator[Window]:
         return _SegmentRun(self, self._scorer()).run(chunks)
@@ -292,18 +306,20 @@ class _SegmentRun:
         self.pending.append(span)
 
     def _best_cut(self) -> int:
-        """How many pending spans go into the window being closed: cut at the longest gap in
-        the window's last part (sentence ends pause longer than words do)."""
+        """How many pending spans go into the window being closed: cut at the longest pause
+        (sentence ends pause longer than words do) in the window's later part, with a small
+        bonus for cutting later (fewer, fuller windows)."""
         s = self.s
         spans = self.pending
         win_start = max(spans[0].start - s.pad, self.last_end)
         earliest = win_start + int(s.fill_fraction * s.max_window)
-        best, best_gap = len(spans), -1
+        best, best_score = len(spans), -1.0
         for i in range(1, len(spans)):
             if spans[i - 1].end >= earliest:
-                gap = spans[i].start - spans[i - 1].end
-                if gap > best_gap:
-                    best, best_gap = i, gap
+                gap = (spans[i].start - spans[i - 1].end) / SAMPLE_RATE
+                score = gap + s.later_bonus * (spans[i - 1].end - win_start) / SAMPLE_RATE
+                if score > best_score:
+                    best, best_score = i, score
         return best
 
     def _emit(self, count: int, next_start: int | None) -> Window:

@@ -173,6 +173,7 @@ class Segmenter:
         min_silence_ms: int = 160,
         min_speech_ms: int = 250,
         pad_ms: int = 200,
+        join_seconds: float = 1.0,
         max_gap_seconds: float = 3.0,
         fill_fraction: float = 0.5,
         later_bonus: float = 0.02,
@@ -187,6 +188,9 @@ class Segmenter:
         self.min_silence = int(min_silence_ms * SAMPLE_RATE / 1000)
         self.min_speech = int(min_speech_ms * SAMPLE_RATE / 1000)
         self.pad = int(pad_ms * SAMPLE_RATE / 1000)
+        # windows split inside a pause up to 2 * join_seconds long are contiguous (soft speech
+        # the VAD missed stays in); longer pauses keep only `pad` of silence on each side
+        self.join = int(join_seconds * SAMPLE_RATE)
         self.max_gap = int(max_gap_seconds * SAMPLE_RATE)
         # when a window is full, cut at the best pause in its last (1 - fill_fraction) part;
         # later_bonus is seconds of pause worth one second more of window
@@ -222,6 +226,7 @@ class _SegmentRun:
         # packer state
         self.pending: list[_Span] = []  # spans of the open window
         self.last_end = 0  # end of the last emitted window (windows never overlap)
+        self.next_start: int | None = None  # set when the last cut was inside a short pause
         self.index = 0
 
     # --- input ---------------------------------------------------------------------------
@@ -325,12 +330,18 @@ class _SegmentRun:
     def _emit(self, count: int, next_start: int | None) -> Window:
         s = self.s
         spans, self.pending = self.pending[:count], self.pending[count:]
-        start = max(spans[0].start - s.pad, self.last_end, self.buf_start)
+        start = self.next_start
+        if start is None:
+            start = max(spans[0].start - s.pad, self.last_end, self.buf_start)
         nxt = self.pending[0].start if self.pending else next_start
         end = spans[-1].end + s.pad
-        if nxt is not None:
-            end = min(end, (spans[-1].end + nxt) // 2) if nxt - spans[-1].end < 2 * s.pad else end
+        self.next_start = None
+        if nxt is not None and nxt - spans[-1].end <= 2 * s.join:
+            # a pause between words or sentences: cut in its middle, drop nothing
+            end = self.next_start = (spans[-1].end + nxt) // 2
         end = min(end, self.buf_start + len(self.buf), start + s.max_window)
+        if self.next_start is not None:
+            self.next_start = end
         window = Window(
             self.index, start, self.buf[start - self.buf_start:end - self.buf_start].copy()
         )
@@ -351,6 +362,8 @@ class _SegmentRun:
         keep = self.pos - self.s.pad - FRAME
         if self.pending:
             keep = min(keep, self.pending[0].start - self.s.pad)
+        if self.next_start is not None:
+            keep = min(keep, self.next_start)
         if self.triggered:
             keep = min(keep, self.span_start - self.s.pad)
         keep = max(keep, self.last_end, self.buf_start)

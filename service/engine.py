@@ -19,9 +19,11 @@ from typing import Any
 import grpc
 import torch
 import whisper
+from whisper.audio import HOP_LENGTH, N_SAMPLES
 from whisper.tokenizer import get_tokenizer
 
 from .decoding import SAMPLES_PER_TOKEN, BatchDecoder, RowResult, compression_ratio
+from .engine_align import MIN_PAUSE, Piece, pauses, split_at_pauses, word_starts
 from .errors import Cancelled, JobError
 
 SAMPLE_RATE = 16000
@@ -89,6 +91,13 @@ class _WindowState:
         end = (w.start_sample + len(w.samples)) / SAMPLE_RATE
         segs = sorted(self.segments, key=lambda s: s.start)
         return WindowResult(int(w.index), start, end, segs, self.language)
+
+
+@dataclass
+class _Outcome:
+    retry: bool = False
+    segments: list[SegmentResult] = field(default_factory=list)
+    continue_at: int | None = None  # samples into the window where a re-decode starts
 
 
 @dataclass
@@ -350,19 +359,23 @@ class Engine:
         jobs = [it.job for it in items]
         rows = bd.decode(features, initial, temps, sot_index=sot_index,
                          should_stop=lambda: all(j.dead for j in jobs))
+        # judge rows (and align words) outside the lock; apply the outcomes under it
+        outcomes = [None if it.job.dead else self._judge(it, row, features[i])
+                    for i, (it, row) in enumerate(zip(items, rows, strict=True))]
         with self._cv:
             self.stats.batches += 1
             self.stats.rows += len(items)
             if len({id(j) for j in jobs}) > 1:
                 self.stats.mixed_job_batches += 1
-            for it, row, lang in zip(items, rows, languages, strict=True):
-                if not it.job.dead:
+            for it, outcome, lang in zip(items, outcomes, languages, strict=True):
+                if outcome is not None and not it.job.dead:
                     it.state.language = lang
-                    self._finish_row(it, row)
+                    self._apply(it, outcome)
             self._cv.notify_all()
 
-    def _finish_row(self, it: _Item, row: RowResult) -> None:
-        """Whisper's fallback rule, then segments or a re-queue. Called under the lock."""
+    def _judge(self, it: _Item, row: RowResult, features: torch.Tensor) -> _Outcome:
+        """Whisper's fallback rule, then the row's segments and whether its tail needs another
+        decode."""
         opts = it.job.options
         text = self._tokenizer.decode([t for t in row.tokens if t < self._tokenizer.eot])
         ratio = compression_ratio(text)
@@ -377,35 +390,45 @@ class Engine:
                    and row.no_speech_prob > opts.no_speech_threshold
                    and opts.logprob_threshold is not None and avg < opts.logprob_threshold)
         if failed and not silence and it.temp_index + 1 < len(opts.temperatures):
-            self.stats.fallbacks += 1
-            it.job.pending.appendleft(_Item(it.job, it.state, it.offset, it.temp_index + 1))
-            return
+            return _Outcome(retry=True)
         no_speech = opts.no_speech_threshold
         skip = no_speech is not None and row.no_speech_prob > no_speech
         if skip and opts.logprob_threshold is not None and avg > opts.logprob_threshold:
             skip = False
+        if skip:
+            return _Outcome()
         temperature = opts.temperatures[it.temp_index]
+        segs, consumed = self._segments(it, row, ratio, temperature, features)
+        tail = len(it.state.window.samples) - (it.offset + consumed)
+        if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
+                and it.state.continuations < MAX_CONTINUATIONS):
+            # the decode stopped before the window's end (whisper would seek there)
+            return _Outcome(segments=segs, continue_at=it.offset + consumed)
+        return _Outcome(segments=segs)
+
+    def _apply(self, it: _Item, outcome: _Outcome) -> None:
+        """Record a row's outcome. Called under the lock."""
         state = it.state
-        if not skip:
-            segs, consumed = self._segments(it, row, ratio, temperature)
-            state.segments.extend(segs)
-            tail = len(state.window.samples) - (it.offset + consumed)
-            if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
-                    and state.continuations < MAX_CONTINUATIONS):
-                # the decode stopped before the window's end (whisper would seek there)
-                state.continuations += 1
-                self.stats.continuations += 1
-                it.job.pending.appendleft(_Item(it.job, state, it.offset + consumed, 0))
-                return
+        if outcome.retry:
+            self.stats.fallbacks += 1
+            it.job.pending.appendleft(_Item(it.job, state, it.offset, it.temp_index + 1))
+            return
+        state.segments.extend(outcome.segments)
+        if outcome.continue_at is not None:
+            state.continuations += 1
+            self.stats.continuations += 1
+            it.job.pending.appendleft(_Item(it.job, state, outcome.continue_at, 0))
+            return
         state.outstanding -= 1
         if state.done:
             it.job.queued -= 1
             self.stats.windows += 1
 
-    def _segments(self, it: _Item, row: RowResult, ratio: float,
-                  temperature: float) -> tuple[list[SegmentResult], int]:
-        """Split a row's tokens into segments at timestamp pairs, as whisper's transcribe() does.
-        Returns the segments (absolute times) and how many samples of the input they consumed."""
+    def _segments(self, it: _Item, row: RowResult, ratio: float, temperature: float,
+                  features: torch.Tensor) -> tuple[list[SegmentResult], int]:
+        """Split a row's tokens into segments at timestamp pairs, as whisper's transcribe() does,
+        then at the pauses the segmenter found. Returns the segments (absolute times) and how
+        many samples of the input they consumed."""
         tok = self._tokenizer
         tb = tok.timestamp_begin
         tokens = row.tokens
@@ -416,7 +439,7 @@ class Engine:
         is_ts = [t >= tb for t in tokens]
         single_end = is_ts[-2:] == [False, True]
         cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
-        pieces: list[tuple[int, int, list[int]]] = []  # (start samples, end samples, tokens)
+        pieces: list[Piece] = []
         if cuts:
             slices = cuts + ([len(tokens)] if single_end else [])
             last = 0
@@ -424,7 +447,7 @@ class Engine:
                 part = tokens[last:cur]
                 s = (part[0] - tb) * SAMPLES_PER_TOKEN
                 e = (part[-1] - tb) * SAMPLES_PER_TOKEN
-                pieces.append((s, e, part))
+                pieces.append(Piece(base + s, base + e, part))
                 last = cur
             consumed = available if single_end else (tokens[last - 1] - tb) * SAMPLES_PER_TOKEN
         else:
@@ -432,18 +455,29 @@ class Engine:
             end = available
             if stamps and stamps[-1] != tb:
                 end = (stamps[-1] - tb) * SAMPLES_PER_TOKEN
-            pieces.append((0, end, tokens))
+            pieces.append(Piece(base, base + end, tokens))
             consumed = available
+        for p in pieces:
+            p.tokens = [t for t in p.tokens if t < tok.eot]
+            p.start = min(p.start, limit)
+            p.end = min(max(p.end, p.start), limit)
+        pieces = [p for p in pieces if p.tokens]
+        silences = pauses(tuple(getattr(window, "speech", ()) or ()))
+        if silences and pieces and any(p.start + MIN_PAUSE < ps and pe < p.end - MIN_PAUSE
+                                       for p in pieces for ps, pe in silences):
+            text_tokens = [t for p in pieces for t in p.tokens]
+            frames = min(available, N_SAMPLES) // HOP_LENGTH
+            words = word_starts(self.model, tok, features, text_tokens, frames)
+            if words:
+                pieces = split_at_pauses(pieces, words, base, silences, tok)
         segs = []
-        for s, e, part in pieces:
-            text = tok.decode([t for t in part if t < tok.eot]).strip()
+        for p in pieces:
+            text = tok.decode(p.tokens).strip()
             if not text:
                 continue
-            start = min(base + s, limit)
-            end = min(max(base + e, start), limit)
             segs.append(SegmentResult(
-                start=round(start / SAMPLE_RATE, 3), end=round(end / SAMPLE_RATE, 3), text=text,
-                avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
+                start=round(p.start / SAMPLE_RATE, 3), end=round(p.end / SAMPLE_RATE, 3),
+                text=text, avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
                 compression_ratio=ratio, temperature=temperature))
         return segs, int(min(consumed, available))
 

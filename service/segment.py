@@ -28,6 +28,9 @@ class Window:
     index: int
     start_sample: int
     samples: np.ndarray = field(repr=False)
+    # the speech spans inside the window (absolute samples): the engine splits segments at the
+    # pauses between them
+    speech: tuple[tuple[int, int], ...] = field(default=(), repr=False)
 
     @property
     def end_sample(self) -> int:
@@ -343,7 +346,8 @@ class _SegmentRun:
         if self.next_start is not None:
             self.next_start = end
         window = Window(
-            self.index, start, self.buf[start - self.buf_start:end - self.buf_start].copy()
+            self.index, start, self.buf[start - self.buf_start:end - self.buf_start].copy(),
+            tuple((max(sp.start, start), min(sp.end, end)) for sp in spans),
         )
         self.index += 1
         self.last_end = end

@@ -1,0 +1,114 @@
+"""Sentence-level segment boundaries: split whisper's segments at the pauses the VAD found.
+
+Whisper groups several sentences into one timestamped segment when the speaker runs on; the
+segmenter knows exactly where the pauses are. Word times from cross-attention alignment (whisper's
+own method: alignment heads + DTW, `whisper.timing`) tell which word follows each pause; the
+segment is split there and the new segment starts where the speech resumes.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from whisper.model import Whisper, disable_sdpa
+from whisper.timing import TOKENS_PER_SECOND, dtw, median_filter
+from whisper.tokenizer import Tokenizer
+
+SAMPLE_RATE = 16000
+MIN_PAUSE = int(0.3 * SAMPLE_RATE)  # shorter silences are within a phrase
+MAX_SHIFT = 1.0  # seconds: a pause farther than this from every word start is not used
+
+
+@dataclass
+class Piece:
+    """A segment under construction: absolute sample bounds and its text tokens (no special
+    or timestamp tokens)."""
+
+    start: int
+    end: int
+    tokens: list[int]
+
+
+def pauses(speech: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
+    """Silences of at least MIN_PAUSE between consecutive speech spans (absolute samples)."""
+    return [(a[1], b[0]) for a, b in zip(speech, speech[1:], strict=False)
+            if b[0] - a[1] >= MIN_PAUSE]
+
+
+def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tokens: list[int],
+                num_frames: int) -> list[tuple[list[int], float]]:
+    """(tokens, start seconds from the row's audio start) per word, by whisper's alignment
+    method, on audio features already computed for the batch (no second encoder pass)."""
+    sot = list(tok.sot_sequence)
+    tokens = torch.tensor([*sot, tok.no_timestamps, *text_tokens, tok.eot], device=features.device)
+    qks: list[torch.Tensor | None] = [None] * model.dims.n_text_layer
+    hooks = [block.cross_attn.register_forward_hook(
+        lambda _m, _i, outs, index=i: qks.__setitem__(index, outs[-1][0]))
+        for i, block in enumerate(model.decoder.blocks)]
+    try:
+        with torch.inference_mode(), disable_sdpa():
+            model.decoder(tokens[None], features[None])
+    finally:
+        for h in hooks:
+            h.remove()
+    heads = model.alignment_heads.indices().T
+    weights = torch.stack([qks[layer][head] for layer, head in heads]).float()
+    weights = weights[:, :, : max(num_frames // 2, 1)].softmax(dim=-1)
+    std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
+    weights = median_filter((weights - mean) / (std + 1e-9), 7)
+    matrix = weights.mean(dim=0)[len(sot):-1]
+    text_idx, time_idx = dtw(-matrix.cpu())
+    _, word_tokens = tok.split_to_word_tokens(text_tokens + [tok.eot])
+    if len(word_tokens) <= 1:
+        return []
+    bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
+    jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
+    jump_times = time_idx[jumps] / TOKENS_PER_SECOND
+    starts = jump_times[bounds[:-1]]
+    return [(t, float(s)) for t, s in zip(word_tokens[:-1], starts, strict=True)]
+
+
+def split_at_pauses(pieces: list[Piece], words: list[tuple[list[int], float]], base: int,
+                    silences: list[tuple[int, int]], tok: Tokenizer) -> list[Piece]:
+    """Split pieces at silences that fall inside them, between the words the alignment puts
+    on either side; a piece (or a split part) starts where the speech resumes."""
+    out: list[Piece] = []
+    w = 0
+    for piece in pieces:
+        n = len(piece.tokens)
+        # the words of this piece: consume word tokens until its text tokens are covered
+        mine: list[tuple[list[int], int]] = []  # (tokens, absolute start sample)
+        count = 0
+        while w < len(words) and count < n:
+            toks, start = words[w]
+            mine.append((toks, base + int(start * SAMPLE_RATE)))
+            count += len(toks)
+            w += 1
+        if not mine:
+            out.append(piece)
+            continue
+        cuts: list[tuple[int, int, int]] = []  # (word index, end of left part, start of right)
+        # a part starts at a word, never at punctuation or inside a word
+        starts_word = [j for j in range(1, len(mine)) if tok.decode(mine[j][0]).startswith(" ")]
+        for ps, pe in silences:
+            if not (piece.start + MIN_PAUSE < ps and pe < piece.end - MIN_PAUSE):
+                continue
+            best = min(starts_word, key=lambda j: abs(mine[j][1] - pe), default=None)
+            if best is None or abs(mine[best][1] - pe) > MAX_SHIFT * SAMPLE_RATE:
+                continue
+            if cuts and best <= cuts[-1][0]:
+                continue
+            cuts.append((best, ps, pe))
+        start, first = piece.start, 0
+        for j, ps, pe in cuts:
+            out.append(Piece(start, max(ps, start), [t for ws in mine[first:j] for t in ws[0]]))
+            start, first = pe, j
+        out.append(Piece(start, max(piece.end, start), [t for ws in mine[first:] for t in ws[0]]))
+    for p in out:
+        # a segment that starts inside a silence starts where the speech does
+        for ps, pe in silences:
+            if ps <= p.start < pe < p.end:
+                p.start = pe
+    return out

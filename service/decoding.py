@@ -232,6 +232,7 @@ class BatchDecoder:
             cv = self._heads(F.linear(features, *layer.cv)).contiguous()
             cross.append((ck, cv))
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
+        sampling = any(t > 0 for t in temperatures)
         rows = torch.arange(n, device=dev)  # original row of each live batch entry
         out_tokens = torch.full((n, self.sample_len), self.eot, dtype=torch.long, device=dev)
         sum_lp = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -253,9 +254,9 @@ class BatchDecoder:
             logits = self._logits(hidden[:, -1])
             self._apply_rules(logits, step, last, penult, ts_max)
             logprobs = F.log_softmax(logits, dim=-1)
-            t = temps[rows]
             nxt = logits.argmax(dim=-1)
-            if bool((t > 0).any()):
+            if sampling:  # decided on the host once: no device sync per step
+                t = temps[rows]
                 sampled = torch.multinomial(
                     F.softmax(logits / t.clamp(min=1e-5)[:, None], dim=-1), 1).squeeze(1)
                 nxt = torch.where(t > 0, sampled, nxt)

@@ -386,25 +386,21 @@ def test_resumed_job_reuses_exactly_the_stored_windows(crash: CrashRun) -> None:
 
 def test_resumed_windows_join_the_stored_ones_without_overlap(crash: CrashRun) -> None:
     """Windows cut after a restart must start where the stored ones ended: an overlap would
-    transcribe the same speech twice (a gap could lose some). Resume matches stored windows by
-    index only, so this holds only while every run cuts the same windows."""
+    transcribe the same speech twice. Resume matches stored windows by index only, so this
+    holds only while every run cuts the same windows."""
     assert [i for i, _, _ in crash.windows] == list(range(len(crash.windows)))
     overlaps = [(a, b) for a, b in zip(crash.windows, crash.windows[1:], strict=False)
                 if b[1] < a[2] - 1e-6]
-    if overlaps:
-        pytest.xfail(f"known server bug (segmentation differs between runs, resume keys "
-                     f"stored windows by index): overlapping windows {overlaps}")
+    assert overlaps == []
 
 
 def test_resumed_transcript_equals_the_clean_run(crash: CrashRun, clean_run: CleanRun) -> None:
-    """Same windows, same text: greedy decoding at temperature 0 is deterministic here. When
-    the two runs cut different windows (a known server bug: the silero segmentation is not
-    reproducible across server processes), their texts may differ and the test says so."""
-    if crash.windows != clean_run.windows:
-        first = next(((a, b) for a, b in zip(clean_run.windows, crash.windows, strict=False)
-                      if a != b), None)
-        pytest.xfail(f"known server bug: the clean run and the resumed run cut different "
-                     f"windows (first difference, clean vs resumed: {first})")
+    """Same windows, same text: segmentation and greedy decoding at temperature 0 are
+    deterministic. (Windows that differ mean the segmenter is not reproducible, or its code
+    changed between the two runs: a shared working tree being edited while tests run.)"""
+    first = next(((a, b) for a, b in zip(clean_run.windows, crash.windows, strict=False)
+                  if a != b), None)
+    assert crash.windows == clean_run.windows, f"first different window (clean, resumed): {first}"
     assert _untag(crash.result.text) == clean_run.job.result.text
     assert _segments(crash.result) == _segments(clean_run.job.result)
 

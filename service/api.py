@@ -12,7 +12,7 @@ from typing import Any
 import grpc
 from longscribe.service import metrics
 from longscribe.service.auth import client_identity
-from longscribe.service.errors import JobError, exhausted, invalid
+from longscribe.service.errors import JobError, bounded, exhausted, invalid
 from longscribe.service.jobs import JobManager, Source
 from longscribe.service.netguard import check_url
 from longscribe.service.paths import resolve_media_path
@@ -26,6 +26,7 @@ log = logging.getLogger(__name__)
 MAX_REQUEST_ID = 200
 MAX_PROMPT_CHARS = 2000
 MAX_URL_CHARS = 4096
+MAX_JOB_ID_CHARS = 128
 
 
 @contextlib.contextmanager
@@ -34,8 +35,10 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
     try:
         yield
     except JobError as exc:
-        context.abort(exc.code, exc.message)
-    except Exception as exc:  # the body never calls context.abort itself
+        context.abort(exc.code, bounded(exc.message))
+    except Exception as exc:
+        if context.code() not in (None, grpc.StatusCode.OK):
+            raise  # context.abort ran below us (e.g. a malformed upload message): keep its status
         log.exception("internal error in RPC")
         context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
 
@@ -45,7 +48,8 @@ def validate_options(options: pb.TranscriptionOptions) -> None:
         raise invalid(f"task must be 'transcribe' or 'translate', not {options.task!r}")
     language = options.language.lower()
     if language and language not in LANGUAGES and language not in TO_LANGUAGE_CODE:
-        raise invalid(f"unknown language {options.language!r}; use an ISO 639-1 code like 'en'")
+        raise invalid(f"unknown language {options.language[:40]!r}; use an ISO 639-1 code "
+                      "like 'en'")
     if len(options.initial_prompt) > MAX_PROMPT_CHARS:
         raise invalid(f"initial_prompt is longer than {MAX_PROMPT_CHARS} characters")
 
@@ -58,6 +62,8 @@ def _validate_request_id(request_id: str) -> None:
 def _validate_job_id(job_id: str) -> None:
     if not job_id:
         raise invalid("job_id is required")
+    if len(job_id) > MAX_JOB_ID_CHARS:
+        raise invalid(f"job_id is longer than {MAX_JOB_ID_CHARS} characters")
 
 
 class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
@@ -87,7 +93,7 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
 
     def _submit(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         _validate_request_id(request.request_id)
-        existing = self.manager.existing_for_request(request.request_id)
+        existing = self.manager.existing_for_request(request.request_id, self._client(context))
         if existing is not None:
             return existing
         validate_options(request.options)
@@ -107,7 +113,7 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
                 raise invalid("the first UploadRequest must carry metadata (filename, options)")
             meta = first.metadata
             _validate_request_id(meta.request_id)
-            existing = self.manager.existing_for_request(meta.request_id)
+            existing = self.manager.existing_for_request(meta.request_id, self._client(context))
             if existing is not None:
                 return existing
             validate_options(meta.options)

@@ -31,3 +31,12 @@ def invalid(message: str) -> JobError:
 
 def exhausted(message: str) -> JobError:
     return JobError(grpc.StatusCode.RESOURCE_EXHAUSTED, message)
+
+
+MAX_MESSAGE_CHARS = 1000
+
+
+def bounded(message: str) -> str:
+    """Messages may quote client input; a status message over the transport's header limit
+    would turn the answer into RESOURCE_EXHAUSTED, so keep it short."""
+    return message if len(message) <= MAX_MESSAGE_CHARS else message[:MAX_MESSAGE_CHARS] + "…"

@@ -22,9 +22,9 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from longscribe.service import metrics
-from longscribe.service.errors import Cancelled, JobError, exhausted, invalid
+from longscribe.service.errors import Cancelled, JobError, bounded, exhausted, invalid
 from longscribe.service.pipeline import JobContext, run_pipeline
-from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore
+from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -59,7 +59,7 @@ def _now_ts(seconds: float | None = None) -> Timestamp:
 
 
 def _error_pb(code: grpc.StatusCode, message: str) -> pb.Error:
-    return pb.Error(code=code.value[0], code_name=code.name, message=message)
+    return pb.Error(code=code.value[0], code_name=code.name, message=bounded(message))
 
 
 class JobManager:
@@ -84,7 +84,7 @@ class JobManager:
                 row.result = None  # loaded on demand: results can be large
             self._jobs[row.job_id] = _Job(row=row, max_percent=self._percent_of(row))
             if row.request_id:
-                self._by_request[row.request_id] = row.job_id
+                self._by_request[self._request_key(row.client, row.request_id)] = row.job_id
         self._remove_leftovers()
         self._janitor = threading.Thread(target=self._janitor_loop, name="janitor", daemon=True)
         self._janitor_stop = threading.Event()
@@ -143,9 +143,15 @@ class JobManager:
     def job_dir(self, job_id: str) -> Path:
         return self.jobs_dir / job_id
 
-    def existing_for_request(self, request_id: str) -> pb.Job | None:
+    @staticmethod
+    def _request_key(client: str, request_id: str) -> str:
+        # request_ids are the client's own namespace: another client's id never matches.
+        return f"{client}\n{request_id}"
+
+    def existing_for_request(self, request_id: str, client: str) -> pb.Job | None:
         with self._lock:
-            job_id = self._by_request.get(request_id) if request_id else None
+            key = self._request_key(client, request_id)
+            job_id = self._by_request.get(key) if request_id else None
             return self._to_pb(self._jobs[job_id]) if job_id else None
 
     def check_admission(self, client: str) -> None:
@@ -168,9 +174,10 @@ class JobManager:
 
     def submit(self, source: Source, options: pb.TranscriptionOptions, *, request_id: str = "",
                client: str = "", job_id: str | None = None) -> pb.Job:
+        key = self._request_key(client, request_id)
         with self._lock:
-            if request_id and request_id in self._by_request:
-                return self._to_pb(self._jobs[self._by_request[request_id]])
+            if request_id and key in self._by_request:
+                return self._to_pb(self._jobs[self._by_request[key]])
             self.check_admission(client)
             now = time.time()
             row = JobRow(
@@ -190,7 +197,7 @@ class JobManager:
             job = _Job(row=row)
             self._jobs[row.job_id] = job
             if request_id:
-                self._by_request[request_id] = row.job_id
+                self._by_request[key] = row.job_id
             self._emit_progress(job, pb.JOB_STATE_QUEUED, force=True, message="queued")
             self._publish_state_counts()
         self._pending.put(row.job_id)
@@ -216,7 +223,8 @@ class JobManager:
         try:
             before = int(page_token) if page_token else None
         except ValueError:
-            raise invalid(f"page_token {page_token!r} is not one this server issued") from None
+            raise invalid(f"page_token {page_token[:100]!r} is not one this server issued"
+                          ) from None
         with self._lock:
             jobs = sorted(self._jobs.values(), key=lambda j: j.row.seq, reverse=True)
             selected = [j for j in jobs
@@ -267,11 +275,10 @@ class JobManager:
                         "the server is shutting down; the job will resume when it restarts: "
                         f"call WatchJob again with from_index={job.row.event_count}",
                     )
-                if event.index < from_index:
-                    continue
-                yield event
+                if event.index >= from_index:
+                    yield event
                 if event.HasField("result") or event.HasField("error"):
-                    return
+                    return  # the job ended, even if its last event lies before from_index
         finally:
             with self._lock:
                 if live in job.subscribers:
@@ -302,7 +309,7 @@ class JobManager:
             cancel=job.cancel,
             set_phase=lambda phase, **kw: self._emit_progress(job, phase, force=True, **kw),
             progress=lambda phase, **kw: self._emit_progress(job, phase, **kw),
-            segment=lambda seg: self._emit(job, segment=seg),
+            window_done=lambda window: self._window_done(job, window),
             update=lambda **fields: self._update(job, **fields),
         )
         try:
@@ -329,13 +336,29 @@ class JobManager:
 
     def _emit(self, job: _Job, **payload: Any) -> pb.JobEvent:
         with self._lock:
-            event = pb.JobEvent(index=job.row.event_count, job_id=job.row.job_id,
-                                time=_now_ts(), state=job.row.state, **payload)
+            event = self._new_event(job, 0, **payload)
             self.store.append_event(event)
-            job.row.event_count += 1
-            for q in job.subscribers:
-                q.put(event)
+            self._publish(job, [event])
             return event
+
+    def _new_event(self, job: _Job, offset: int, **payload: Any) -> pb.JobEvent:
+        return pb.JobEvent(index=job.row.event_count + offset, job_id=job.row.job_id,
+                           time=_now_ts(), state=job.row.state, **payload)
+
+    def _publish(self, job: _Job, events: list[pb.JobEvent]) -> None:
+        job.row.event_count += len(events)
+        for q in job.subscribers:
+            for event in events:
+                q.put(event)
+
+    def _window_done(self, job: _Job, window: StoredWindow) -> None:
+        """A finished window and its segment events, stored in one transaction: a crash can
+        neither lose a window's events nor make a resumed job send them twice."""
+        with self._lock:
+            events = [self._new_event(job, i, segment=seg)
+                      for i, seg in enumerate(window.segments)]
+            self.store.commit_window(job.row.job_id, window, events)
+            self._publish(job, events)
 
     def _emit_progress(self, job: _Job, phase: int, *, force: bool = False,
                        **fields: Any) -> None:
@@ -403,7 +426,7 @@ class JobManager:
         with self._lock:
             job = self._jobs.get(job_id)
         if job is None:
-            raise JobError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
+            raise JobError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id[:100]!r}")
         return job
 
     def _to_pb(self, job: _Job) -> pb.Job:
@@ -459,7 +482,8 @@ class JobManager:
             for job in expired:
                 del self._jobs[job.row.job_id]
                 if job.row.request_id:
-                    self._by_request.pop(job.row.request_id, None)
+                    self._by_request.pop(self._request_key(job.row.client, job.row.request_id),
+                                         None)
         for job in expired:
             self.store.delete_job(job.row.job_id)
             shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)

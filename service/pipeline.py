@@ -42,7 +42,7 @@ class JobContext:
     cancel: Any  # threading.Event
     set_phase: Callable[..., None]  # a phase change (always recorded)
     progress: Callable[..., None]  # progress within a phase (rate-limited)
-    segment: Callable[[pb.Segment], Any]
+    window_done: Callable[[StoredWindow], None]  # stores a window and its segment events
     update: Callable[..., None]  # durable job fields (media_path, duration, chunk counts)
 
     def check_cancelled(self) -> None:
@@ -195,31 +195,27 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
     with ChunkStream(media, job_id=ctx.row.job_id, work_dir=ctx.tmp_dir, cancel=ctx.cancel,
                      growing=growing, received_source="download" if base else None) as stream:
         windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
-        for result, was_stored in _merge_stored(windows, stored, ctx, options):
+        for done, was_stored in _merge_stored(windows, stored, ctx, options):
             if not transcribing:
                 transcribing = True
                 ctx.set_phase(pb.JOB_STATE_TRANSCRIBING, percent=base,
                               audio_seconds_total=duration, message="transcribing")
-            window_segments = result.segments if was_stored else _to_pb_segments(result)
-            if was_stored:
-                reused += 1
-            else:
-                ctx.store.save_window(ctx.row.job_id, StoredWindow(
-                    result.index, result.start, result.end, window_segments))
-            language = language or getattr(result, "language", "") or ""
-            for seg in window_segments:
+            window_segments = []
+            for seg in done.segments:
                 message = pb.Segment()
                 message.CopyFrom(seg)
-                message.id = len(segments)
+                message.id = len(segments)  # ids follow window order, so a resume keeps them
                 segments.append(message)
-                ctx.segment(message)
-            if growing is not None:
-                _check_duration_limit(ctx, result.end)
-                if not duration and growing.is_set():
-                    duration = probe_duration(media) or 0.0
+                window_segments.append(message)
+            if was_stored:
+                reused += 1  # its segment events are in the job's log already
+            else:
+                ctx.window_done(StoredWindow(done.index, done.start, done.end, window_segments))
+            language = language or done.language
+            result_end = done.end
             done_windows += 1
             ctx.update(chunks_done=done_windows, chunks_reused=reused)
-            done = min(result.end, duration) if duration else result.end
+            done = min(result_end, duration) if duration else result_end
             elapsed = max(time.monotonic() - started, 1e-6)
             rtf = done / elapsed
             metrics.set_realtime_factor(rtf)
@@ -239,18 +235,54 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
     return segments, language or "en"
 
 
+@dataclass(frozen=True)
+class _DoneWindow:
+    index: int
+    start: float  # the window's bounds, in seconds
+    end: float
+    segments: list[pb.Segment]
+    language: str = ""
+
+
 def _merge_stored(windows: Iterator[Window], stored: dict[int, StoredWindow], ctx: JobContext,
-                  options: DecodeOptions) -> Iterator[tuple[Any, bool]]:
-    """Results in window order: stored ones as they were, the rest from the engine."""
-    fresh = (w for w in windows if w.index not in stored)
-    pending = sorted(stored)
-    for result in ctx.engine.transcribe(fresh, options, ctx.cancel):
-        while pending and pending[0] < result.index:
-            yield stored[pending.pop(0)], True
-        yield result, False
-    for index in pending:
-        yield stored[index], True
+                  options: DecodeOptions) -> Iterator[tuple[_DoneWindow, bool]]:
+    """Finished windows in window order, and whether each came from the store. A stored window
+    is reused only when the new cut has the same bounds, so a changed segmenter (a new version
+    after a restart) decodes again instead of leaving gaps or overlaps."""
+    lock = threading.Lock()
+    reusable: dict[int, StoredWindow] = {}
+    bounds: dict[int, tuple[float, float]] = {}
+
+    def route() -> Iterator[Window]:  # runs on the engine's feeder thread
+        for window in windows:
+            old = stored.get(window.index)
+            with lock:
+                if old is not None and _same_bounds(old, window):
+                    reusable[window.index] = old
+                    continue
+                bounds[window.index] = (window.start, window.end)
+            yield window
+
+    def reused_before(index: int | None) -> list[StoredWindow]:
+        # Every window before `index` went through route() before window `index` did.
+        with lock:
+            ready = sorted(i for i in reusable if index is None or i < index)
+            return [reusable.pop(i) for i in ready]
+
+    for result in ctx.engine.transcribe(route(), options, ctx.cancel):
+        for old in reused_before(result.index):
+            yield _DoneWindow(old.index, old.start, old.end, old.segments), True
+        with lock:
+            start, end = bounds.pop(result.index)
+        yield _DoneWindow(result.index, start, end, _to_pb_segments(result),
+                          getattr(result, "language", "") or ""), False
+    for old in reused_before(None):
+        yield _DoneWindow(old.index, old.start, old.end, old.segments), True
     ctx.check_cancelled()
+
+
+def _same_bounds(old: StoredWindow, window: Window) -> bool:
+    return abs(old.start - window.start) < 1e-4 and abs(old.end - window.end) < 1e-4
 
 
 def _to_pb_segments(result: WindowResult) -> list[pb.Segment]:

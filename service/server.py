@@ -22,6 +22,7 @@ from longscribe.service import metrics
 from longscribe.service.api import TranscriptionServicer
 from longscribe.service.auth import BearerAuthInterceptor, load_tokens
 from longscribe.service.jobs import JobManager
+from longscribe.service.malformed import MalformedRequestInterceptor
 from longscribe.service.store import JobStore
 from longscribe.service.tls import NO_PORT_SHARING, add_port
 from longscribe.v1 import transcription_pb2 as pb
@@ -50,7 +51,8 @@ class LongscribeServer:
         self.ready = threading.Event()
         self._metrics_server: Any = None
         self.tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
-        interceptors = [BearerAuthInterceptor(self.tokens, open_health=config.auth_open_health)]
+        interceptors = [BearerAuthInterceptor(self.tokens, open_health=config.auth_open_health),
+                        MalformedRequestInterceptor()]
         self.grpc_server = grpc.server(
             futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
             interceptors=interceptors,

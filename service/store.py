@@ -40,7 +40,8 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress BLOB,
     result BLOB
 );
-CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(request_id) WHERE request_id IS NOT NULL;
+CREATE UNIQUE INDEX IF NOT EXISTS jobs_request_id ON jobs(client, request_id)
+    WHERE request_id IS NOT NULL;
 CREATE INDEX IF NOT EXISTS jobs_state ON jobs(state);
 CREATE TABLE IF NOT EXISTS events (
     job_id TEXT NOT NULL,
@@ -200,13 +201,28 @@ class JobStore:
     # --- windows ----------------------------------------------------------------------------
 
     def save_window(self, job_id: str, window: StoredWindow) -> None:
+        self.commit_window(job_id, window, ())
+
+    def commit_window(self, job_id: str, window: StoredWindow,
+                      events: Sequence[pb.JobEvent]) -> None:
+        """A window's result and its events, atomically."""
         blob = pb.Result(segments=window.segments).SerializeToString()
         with self._lock:
-            self._db.execute(
-                "INSERT OR REPLACE INTO windows (job_id, idx, start, end, segments)"
-                " VALUES (?,?,?,?,?)",
-                (job_id, window.index, window.start, window.end, blob),
-            )
+            self._db.execute("BEGIN")
+            try:
+                self._db.execute(
+                    "INSERT OR REPLACE INTO windows (job_id, idx, start, end, segments)"
+                    " VALUES (?,?,?,?,?)",
+                    (job_id, window.index, window.start, window.end, blob),
+                )
+                self._db.executemany(
+                    "INSERT INTO events (job_id, idx, data) VALUES (?,?,?)",
+                    [(e.job_id, e.index, e.SerializeToString()) for e in events],
+                )
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
 
     def load_windows(self, job_id: str) -> dict[int, StoredWindow]:
         with self._lock:

@@ -428,11 +428,6 @@ def test_event_log_survives_restarts(crash: CrashRun) -> None:
     assert crash.events[-1].HasField("result")
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: pipeline._transcribe calls ctx.segment() for windows reused from the store, "
-    "whose segment events were already logged before the stop, so the log repeats them "
-    "(84 segment events for 53 segments); fix: emit only fresh windows' segments, and store a "
-    "window with its segment events in one SQLite transaction"))
 def test_resume_does_not_repeat_segment_events(crash: CrashRun) -> None:
     """A watcher that follows the job across the restarts must get each segment once: the
     segment events, in order, are the result's segments."""
@@ -444,10 +439,6 @@ def test_resume_does_not_repeat_segment_events(crash: CrashRun) -> None:
     assert [(t, _untag(x)) for t, x in streamed] == [(t, _untag(x)) for t, x in final]
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: JobManager.watch skips events below from_index before checking for the "
-    "terminal one, so the stream never ends (until the client's deadline); fix: return on a "
-    "result/error event even when its index is below from_index"))
 def test_watch_from_past_the_end_ends_with_the_job(fresh: ServerProcess) -> None:
     """WatchJob streams "until the job ends", whatever from_index was: a from_index past the
     last event gets an empty stream that closes when the job ends."""

@@ -399,10 +399,6 @@ METHODS = {  # name → (client streaming, server streaming)
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: grpc-python answers INTERNAL 'Exception deserializing request!' when a request "
-    "does not parse; fix in server.py: an interceptor (after auth) whose handlers deserialize "
-    "with a DecodeError-catching wrapper and abort INVALID_ARGUMENT"))
 @pytest.mark.parametrize("method", sorted(METHODS))
 def test_malformed_protobuf_is_invalid_argument(fuzzer: Fuzzer, method: str) -> None:
     """Bytes that are not a valid request message: a client error (INVALID_ARGUMENT), not an
@@ -459,11 +455,6 @@ ECHOES: dict[str, tuple[str, Callable[[pb_grpc.TranscriptionServiceStub], Any],
 }
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "server bug: error messages echo client fields unbounded (jobs.py 'no job with id', "
-    "page_token, api.validate_options, paths.py); over the client's 8-16 KiB trailer limit the "
-    "client gets RESOURCE_EXHAUSTED 'Stream removed'; fix: clip messages in api.rpc_errors "
-    "(and cap job_id length)"))
 @pytest.mark.parametrize("case", sorted(ECHOES))
 def test_error_for_a_huge_field_keeps_its_status(fuzzer: Fuzzer, case: str) -> None:
     """A status message travels in a trailer, which clients cap (8 KiB by default): a server

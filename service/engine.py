@@ -11,6 +11,7 @@ results back to the job, which yields them in window order.
 from __future__ import annotations
 
 import threading
+import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
@@ -71,6 +72,9 @@ class EngineStats:
     fallbacks: int = 0  # rows re-queued at a higher temperature
     continuations: int = 0  # rows re-decoding the unconsumed tail of a window
     oom_splits: int = 0  # batches halved after a CUDA out-of-memory
+    encode_s: float = 0.0  # worker seconds in log-mel + encoder
+    decode_s: float = 0.0  # worker seconds in the decode loop
+    align_s: float = 0.0  # worker seconds judging rows and aligning words
 
 
 class _WindowState:
@@ -135,7 +139,7 @@ class Engine:
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.float16 if self.cuda else torch.float32
-        self.batch_size = batch_size or (32 if self.cuda else 8)
+        self.batch_size = batch_size or (32 if self.cuda else 16)
         self.threads = threads
         self.linger = linger
         self.stats = EngineStats()
@@ -343,7 +347,9 @@ class Engine:
     def _decode(self, items: list[_Item]) -> None:
         bd = self._decoder
         audio = [it.state.window.samples[it.offset:] for it in items]
+        t0 = time.perf_counter()
         features = bd.encode(audio)
+        t1 = time.perf_counter()
         languages = ["en"] * len(items)
         if self._multilingual:
             unknown = [i for i, it in enumerate(items) if not it.job.options.language]
@@ -359,10 +365,15 @@ class Engine:
         jobs = [it.job for it in items]
         rows = bd.decode(features, initial, temps, sot_index=sot_index,
                          should_stop=lambda: all(j.dead for j in jobs))
+        t2 = time.perf_counter()
         # judge rows (and align words) outside the lock; apply the outcomes under it
         outcomes = [None if it.job.dead else self._judge(it, row, features[i])
                     for i, (it, row) in enumerate(zip(items, rows, strict=True))]
+        t3 = time.perf_counter()
         with self._cv:
+            self.stats.encode_s += t1 - t0
+            self.stats.decode_s += t2 - t1
+            self.stats.align_s += t3 - t2
             self.stats.batches += 1
             self.stats.rows += len(items)
             if len({id(j) for j in jobs}) > 1:
@@ -399,9 +410,11 @@ class Engine:
             return _Outcome()
         temperature = opts.temperatures[it.temp_index]
         segs, consumed = self._segments(it, row, ratio, temperature, features)
-        tail = len(it.state.window.samples) - (it.offset + consumed)
+        window = it.state.window
+        tail = len(window.samples) - (it.offset + consumed)
         if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
-                and it.state.continuations < MAX_CONTINUATIONS):
+                and it.state.continuations < MAX_CONTINUATIONS
+                and _speech_in(window, window.start_sample + it.offset + consumed)):
             # the decode stopped before the window's end (whisper would seek there)
             return _Outcome(segments=segs, continue_at=it.offset + consumed)
         return _Outcome(segments=segs)
@@ -480,6 +493,14 @@ class Engine:
                 text=text, avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
                 compression_ratio=ratio, temperature=temperature))
         return segs, int(min(consumed, available))
+
+
+def _speech_in(window: Any, from_sample: int) -> bool:
+    """Whether the window holds speech after `from_sample` (True when it does not say)."""
+    spans = getattr(window, "speech", None)
+    if not spans:
+        return True
+    return sum(max(0, e - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
 
 
 def transcript_text(results: Iterable[WindowResult]) -> str:

@@ -19,6 +19,7 @@ import numpy as np
 
 SAMPLE_RATE = 16000
 FRAME = 512  # silero-vad's frame at 16 kHz (32 ms); the energy detector uses the same grid
+BLOCK = 256  # frames scored together (8.2 s)
 
 
 @dataclass(frozen=True)
@@ -256,6 +257,10 @@ class _SegmentRun:
     def _score_ready(self, final: bool) -> Iterator[Window]:
         end = self.buf_start + len(self.buf)
         n = (end - self.pos) // FRAME
+        if not final:
+            # score in fixed blocks aligned to the stream start: the same frames go through the
+            # same kernels whatever the chunking, so probabilities (and windows) are bit-identical
+            n -= n % BLOCK
         frames = self.buf[self.pos - self.buf_start:][: n * FRAME].reshape(n, FRAME)
         if final and (end - self.pos) % FRAME:
             tail = self.buf[self.pos - self.buf_start + n * FRAME:]

@@ -31,7 +31,7 @@ class Config:
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     batch_size: int = field(
-        default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 8 on CPU)"}
+        default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 16 on CPU)"}
     )
     data_dir: str = field(
         default_factory=_default_data_dir,

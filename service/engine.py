@@ -23,8 +23,9 @@ import whisper
 from whisper.audio import HOP_LENGTH, N_SAMPLES
 from whisper.tokenizer import get_tokenizer
 
+from . import metrics
 from .decoding import SAMPLES_PER_TOKEN, BatchDecoder, RowResult, compression_ratio
-from .engine_align import MIN_PAUSE, Piece, pauses, split_at_pauses, word_starts
+from .engine_align import MIN_PAUSE, Piece, pauses, split_at_pauses, warm_up, word_starts
 from .errors import Cancelled, JobError
 
 SAMPLE_RATE = 16000
@@ -160,6 +161,7 @@ class Engine:
             if self._worker is not None:
                 return
             self._stopping = False
+            warm_up()  # the word-alignment kernel, so that no job pays for loading it
             self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
             self._worker.start()
 
@@ -383,6 +385,7 @@ class Engine:
                     it.state.language = lang
                     self._apply(it, outcome)
             self._cv.notify_all()
+        metrics.observe_window_batch(t3 - t0, len(items))
 
     def _judge(self, it: _Item, row: RowResult, features: torch.Tensor) -> _Outcome:
         """Whisper's fallback rule, then the row's segments and whether its tail needs another

@@ -188,3 +188,15 @@ def test_cuda_fp16_engine(audio) -> None:
         assert wer(lj_text() + " " + lj_text(), transcript_text(results)) <= 0.06
     finally:
         eng.stop()
+
+
+def test_cached_dtw_matches_whispers() -> None:
+    from longscribe.service.engine_align import _dtw
+    from whisper.timing import dtw
+
+    gen = torch.Generator().manual_seed(0)
+    for n, m in ((1, 5), (7, 7), (40, 700)):
+        x = torch.randn(n, m, generator=gen)
+        want = dtw(x)
+        got = _dtw(np.ascontiguousarray(x.double().numpy()))
+        assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])

@@ -23,6 +23,7 @@ from whisper.tokenizer import Tokenizer
 
 TIME_PRECISION = 0.02  # seconds per timestamp token (30 s / 1500)
 SAMPLES_PER_TOKEN = 320  # 0.02 s at 16 kHz
+RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after bf16 logits
 
 
 def compression_ratio(text: str) -> float:
@@ -100,6 +101,11 @@ class BatchDecoder:
         self.sample_len = self.n_ctx // 2
         self.emb = dec.token_embedding.weight.detach().to(dtype)
         self.emb_t = self.emb.T.contiguous()  # (d, vocab) for the logits matmul
+        # On CPU the per-step vocabulary matmul is memory-bound: score it in bf16 (half the
+        # bytes) and rescore the top text and timestamp candidates of each row in fp32, so the
+        # choices and the probabilities that decide them are the fp32 ones.
+        self.emb_lp = (self.emb_t.to(torch.bfloat16)
+                       if self.device.type == "cpu" and dtype == torch.float32 else None)
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
@@ -177,8 +183,26 @@ class BatchDecoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.emb_t).float()
 
+    def _step_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Logits for a decode step: bf16 on CPU (see __init__), exact rescoring later."""
+        if self.emb_lp is None:
+            return self._logits(hidden)
+        return (hidden.to(torch.bfloat16) @ self.emb_lp).float()
+
+    def _rescore(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
+        """Overwrite the RESCORE best allowed text and timestamp logits of each row with their
+        fp32 values (masked entries stay masked)."""
+        tb = self.ts_begin
+        k = RESCORE
+        idx = torch.cat([logits[:, :tb].topk(k, dim=-1).indices,
+                         logits[:, tb:].topk(k, dim=-1).indices + tb], dim=1)
+        exact = (self.emb[idx] @ hidden.float()[:, :, None]).squeeze(-1)
+        approx = logits.gather(1, idx)
+        logits.scatter_(1, idx, torch.where(torch.isfinite(approx), exact, approx))
+
     def _apply_rules(self, logits: torch.Tensor, step: int, last: torch.Tensor,
-                     penult: torch.Tensor, ts_max: torch.Tensor) -> None:
+                     penult: torch.Tensor, ts_max: torch.Tensor,
+                     hidden: torch.Tensor | None = None) -> None:
         """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once."""
         neg = float("-inf")
         tb = self.ts_begin
@@ -198,6 +222,8 @@ class BatchDecoder:
         else:
             logits[:, :tb] = neg
             logits[:, tb + self.max_initial_ts + 1:] = neg
+        if hidden is not None and self.emb_lp is not None:
+            self._rescore(logits, hidden)
         logprobs = F.log_softmax(logits, dim=-1)
         ts_lp = logprobs[:, tb:].logsumexp(dim=-1)
         text_lp = logprobs[:, :tb].max(dim=-1).values
@@ -251,8 +277,8 @@ class BatchDecoder:
                 probs = self._logits(hidden[:, sot_index]).softmax(dim=-1)
                 no_speech = probs[:, self.tok.no_speech].cpu()
             offset += tokens_in.shape[1]
-            logits = self._logits(hidden[:, -1])
-            self._apply_rules(logits, step, last, penult, ts_max)
+            logits = self._step_logits(hidden[:, -1])
+            self._apply_rules(logits, step, last, penult, ts_max, hidden[:, -1])
             logprobs = F.log_softmax(logits, dim=-1)
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step

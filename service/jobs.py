@@ -471,7 +471,9 @@ class JobManager:
 
     def _janitor_loop(self) -> None:
         """Expire finished jobs (rows, events, files) after the retention period."""
-        while not self._janitor_stop.wait(60.0):
+        # Check a few times per retention period, but at most once a minute.
+        interval = min(60.0, max(0.5, self.config.retention_hours * 3600.0 / 4))
+        while not self._janitor_stop.wait(interval):
             self.expire_finished()
 
     def expire_finished(self, now: float | None = None) -> int:

@@ -93,13 +93,19 @@ def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tok
     hooks = [block.cross_attn.register_forward_hook(
         lambda _m, _i, outs, index=i: qks.__setitem__(index, outs[-1][0]))
         for i, block in enumerate(model.decoder.blocks)]
+    heads = model.alignment_heads.indices().T
+    dec = model.decoder
     try:
         with torch.inference_mode(), disable_sdpa():
-            model.decoder(tokens[None], features[None])
+            # the decoder's blocks up to the last one with an alignment head: the vocabulary
+            # projection after them (a third of the cost) is not needed for the weights
+            x = (dec.token_embedding(tokens[None]) + dec.positional_embedding[:len(tokens)])
+            x = x.to(features.dtype)
+            for block in dec.blocks[:int(heads[:, 0].max()) + 1]:
+                x = block(x, features[None], mask=dec.mask)
     finally:
         for h in hooks:
             h.remove()
-    heads = model.alignment_heads.indices().T
     weights = torch.stack([qks[layer][head] for layer, head in heads]).float()
     weights = weights[:, :, : max(num_frames // 2, 1)].softmax(dim=-1)
     std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)

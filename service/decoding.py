@@ -54,6 +54,9 @@ class RowResult:
     sum_logprob: float
     no_speech_prob: float
     looped: bool  # stopped early by the repetition guard
+    # per decoder layer, the row's cross-attention keys and values as whisper's kv_cache holds
+    # them, (1, 1500, d) each: the word alignment reuses them instead of projecting again
+    cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
 
     @property
     def avg_logprob(self) -> float:
@@ -263,6 +266,7 @@ class BatchDecoder:
             ck = self._heads(F.linear(features, layer.ck)).transpose(-1, -2).contiguous()
             cv = self._heads(F.linear(features, *layer.cv)).contiguous()
             cross.append((ck, cv))
+        first_cross = cross
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
         sampling = any(t > 0 for t in temperatures)
         rows = torch.arange(n, device=dev)  # original row of each live batch entry
@@ -327,7 +331,9 @@ class BatchDecoder:
         for i in range(n):
             seq = toks[i]
             end = seq.index(self.eot) if self.eot in seq else len(seq)
-            results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i]))
+            kv = [(k[i].permute(2, 0, 1).reshape(1, k.shape[3], -1),
+                   v[i].transpose(0, 1).reshape(1, v.shape[2], -1)) for k, v in first_cross]
+            results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i], kv))
         return results
 
     def _guard_loops(self, out_tokens: torch.Tensor, rows: torch.Tensor, done: torch.Tensor,

@@ -84,9 +84,11 @@ def pauses(speech: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
 
 
 def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tokens: list[int],
-                num_frames: int) -> list[tuple[list[int], float]]:
+                num_frames: int, cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                ) -> list[tuple[list[int], float]]:
     """(tokens, start seconds from the row's audio start) per word, by whisper's alignment
-    method, on audio features already computed for the batch (no second encoder pass)."""
+    method, on audio features already computed for the batch (no second encoder pass) and,
+    where given, the decode's cross-attention keys and values per layer (no second projection)."""
     sot = list(tok.sot_sequence)
     tokens = torch.tensor([*sot, tok.no_timestamps, *text_tokens, tok.eot], device=features.device)
     qks: list[torch.Tensor | None] = [None] * model.dims.n_text_layer
@@ -95,6 +97,12 @@ def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tok
         for i, block in enumerate(model.decoder.blocks)]
     heads = model.alignment_heads.indices().T
     dec = model.decoder
+    kv_cache = None
+    if cross is not None:
+        kv_cache = {}
+        for block, (k, v) in zip(dec.blocks, cross, strict=True):
+            kv_cache[block.cross_attn.key] = k
+            kv_cache[block.cross_attn.value] = v
     try:
         with torch.inference_mode(), disable_sdpa():
             # the decoder's blocks up to the last one with an alignment head: the vocabulary
@@ -102,7 +110,7 @@ def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tok
             x = (dec.token_embedding(tokens[None]) + dec.positional_embedding[:len(tokens)])
             x = x.to(features.dtype)
             for block in dec.blocks[:int(heads[:, 0].max()) + 1]:
-                x = block(x, features[None], mask=dec.mask)
+                x = block(x, features[None], mask=dec.mask, kv_cache=kv_cache)
     finally:
         for h in hooks:
             h.remove()

@@ -119,18 +119,13 @@ class SileroScorer:
         idx = np.arange(n)[:, None] * FRAME + np.arange(FRAME + self.CONTEXT)[None, :]
         x = torch.from_numpy(flat[idx])
         self._context = flat[-self.CONTEXT:].copy()
-        # one thread, as silero recommends: its ops are small, and on a small CPU the decoder
-        # runs beside it (torch's thread count is per calling thread with OpenMP; restored)
-        threads = torch.get_num_threads()
-        torch.set_num_threads(1)
-        try:
-            with torch.inference_mode():
-                feats = self._encoder(self._stft(x)).squeeze(-1)  # (n, 128)
-                h, self._state = self._lstm(feats.unsqueeze(1), self._state)
-                logits = torch.relu(h.squeeze(1)) @ self._head_w.T + self._head_b
-                return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
-        finally:
-            torch.set_num_threads(threads)
+        # no torch.set_num_threads(1) here: torch's intra-op thread count is process-wide, and
+        # the toggle, run in a feeder thread, left the engine's worker on one thread
+        with torch.inference_mode():
+            feats = self._encoder(self._stft(x)).squeeze(-1)  # (n, 128)
+            h, self._state = self._lstm(feats.unsqueeze(1), self._state)
+            logits = torch.relu(h.squeeze(1)) @ self._head_w.T + self._head_b
+            return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
 
 
 class EnergyScorer:

@@ -23,7 +23,16 @@ from whisper.tokenizer import Tokenizer
 
 TIME_PRECISION = 0.02  # seconds per timestamp token (30 s / 1500)
 SAMPLES_PER_TOKEN = 320  # 0.02 s at 16 kHz
-ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast
+ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has bf16 units)
+
+
+def cpu_has_bf16() -> bool:
+    """bf16 only pays where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere torch
+    emulates it and the "fast" path is slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
 RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after bf16 logits
 
 
@@ -109,7 +118,8 @@ class BatchDecoder:
         # bytes) and rescore the top text and timestamp candidates of each row in fp32, so the
         # choices and the probabilities that decide them are the fp32 ones.
         self.emb_lp = (self.emb_t.to(torch.bfloat16)
-                       if self.device.type == "cpu" and dtype == torch.float32 else None)
+                       if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16()
+                       else None)
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())

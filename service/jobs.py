@@ -21,7 +21,7 @@ from typing import Any
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
-from longscribe.service import metrics
+from longscribe.service import memory, metrics
 from longscribe.service.errors import Cancelled, JobError, bounded, exhausted, invalid
 from longscribe.service.pipeline import JobContext, run_pipeline
 from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore, StoredWindow
@@ -331,6 +331,7 @@ class JobManager:
             log.info("job %s succeeded in %.1f s", job_id, time.monotonic() - started)
         finally:
             shutil.rmtree(self.tmp_dir / job_id, ignore_errors=True)
+            memory.release_free_memory()
 
     # --- events -----------------------------------------------------------------------------
 

@@ -18,7 +18,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from longscribe.service import config as config_module
-from longscribe.service import metrics
+from longscribe.service import memory, metrics
 from longscribe.service.api import TranscriptionServicer
 from longscribe.service.auth import BearerAuthInterceptor, load_tokens
 from longscribe.service.jobs import JobManager
@@ -145,6 +145,7 @@ def serve(config: config_module.Config) -> NoReturn:
     """Run until SIGTERM or SIGINT, then exit the process: 0 after a clean stop, 1 if the model
     could not be loaded."""
     setup_logging(config.log_level)
+    memory.limit_arenas()  # before any worker thread exists
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     server = LongscribeServer(config)
     stop = threading.Event()

@@ -23,6 +23,7 @@ from whisper.tokenizer import Tokenizer
 
 TIME_PRECISION = 0.02  # seconds per timestamp token (30 s / 1500)
 SAMPLES_PER_TOKEN = 320  # 0.02 s at 16 kHz
+ENCODE_SLICE_CPU = 4  # windows per encoder pass on CPU (bounds its activations)
 ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has bf16 units)
 
 
@@ -63,13 +64,46 @@ class RowResult:
     sum_logprob: float
     no_speech_prob: float
     looped: bool  # stopped early by the repetition guard
-    # per decoder layer, the row's cross-attention keys and values as whisper's kv_cache holds
-    # them, (1, 1500, d) each: the word alignment reuses them instead of projecting again
-    cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    # the batch's cross-attention keys and values per decoder layer, shared by its rows, and
+    # this row's index in them: the word alignment reuses them instead of projecting again
+    batch_cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
+    index: int = 0
 
     @property
     def avg_logprob(self) -> float:
         return self.sum_logprob / (len(self.tokens) + 1)
+
+    def cross(self, dtype: torch.dtype) -> list[tuple[torch.Tensor, torch.Tensor]] | None:
+        """This row's keys and values as whisper's kv_cache holds them, (1, 1500, d) each.
+        Copied on demand, one row at a time, so a batch never holds its cross state twice."""
+        if self.batch_cross is None:
+            return None
+        i = self.index
+        return [(k[i].permute(2, 0, 1).reshape(1, k.shape[3], -1).to(dtype),
+                 v[i].transpose(0, 1).reshape(1, v.shape[2], -1).to(dtype))
+                for k, v in self.batch_cross]
+
+
+@dataclass
+class _StepBuffers:
+    """Per-batch scratch for the (rows, vocab) tensors of every decode step: allocated once per
+    batch, not once per step (each is a few MB, large enough that malloc maps and unmaps it)."""
+
+    logits: torch.Tensor  # fp32
+    scratch: torch.Tensor  # fp32
+    low: torch.Tensor  # bf16 logits before rescoring (empty where unused)
+
+    @classmethod
+    def allocate(cls, rows: int, vocab: int, device: torch.device, *, low: bool) -> _StepBuffers:
+        return cls(torch.empty(rows, vocab, device=device),
+                   torch.empty(rows, vocab, device=device),
+                   torch.empty(rows if low else 0, vocab, dtype=torch.bfloat16, device=device))
+
+    def logsumexp(self, logits: torch.Tensor) -> torch.Tensor:
+        """Row-wise logsumexp of finite-max logits, through the scratch buffer."""
+        top = logits.amax(dim=-1, keepdim=True)
+        shifted = torch.sub(logits, top, out=self.scratch[:logits.shape[0]])
+        return shifted.exp_().sum(dim=-1).log_() + top.squeeze(1)
 
 
 class _Layer:
@@ -120,6 +154,11 @@ class BatchDecoder:
         self.emb_lp = (self.emb_t.to(torch.bfloat16)
                        if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16()
                        else None)
+        # The cross-attention keys and values of a CPU batch (hundreds of MB at fp32, read in
+        # full at every step) in bf16 where the encoder already runs in bf16: half the memory
+        # and the bandwidth; scores and softmax stay fp32.
+        self.cross_dtype = (torch.bfloat16 if self.emb_lp is not None and ENCODER_BF16
+                            else dtype)
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
@@ -144,6 +183,19 @@ class BatchDecoder:
     @torch.inference_mode()
     def encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
         """Windows (each ≤ 30 s of 16 kHz float32) → audio features (B, 1500, d)."""
+        # On CPU the encoder runs a few windows at a time: its matmuls are already large enough
+        # at that size, and its activations (hundreds of MB for a whole batch) stay small.
+        step = len(audio) if self.device.type == "cuda" else ENCODE_SLICE_CPU
+        out: torch.Tensor | None = None
+        for start in range(0, len(audio), step):
+            part = self._encode(audio[start:start + step])
+            if out is None:
+                out = part.new_empty((len(audio), *part.shape[1:]))
+            out[start:start + len(part)] = part
+        assert out is not None, "encode() needs at least one window"
+        return out
+
+    def _encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
         batch = np.zeros((len(audio), N_SAMPLES), dtype=np.float32)
         for i, a in enumerate(audio):
             batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
@@ -168,10 +220,11 @@ class BatchDecoder:
         """q (B,H,T,D); keys given transposed (B,H,D,S), as the caches store them."""
         if q.shape[2] == 1:
             # one query per row: plain matmuls beat the fused CPU kernel by ~10x here
-            w = (q @ k_t) * self.scale
-            out = w.float().softmax(dim=-1).to(q.dtype) @ v
+            w = (q.to(k_t.dtype) @ k_t) * self.scale
+            out = (w.float().softmax(dim=-1).to(v.dtype) @ v).to(q.dtype)
         else:
-            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2), v, is_causal=causal)
+            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2).to(q.dtype),
+                                                 v.to(q.dtype), is_causal=causal)
         b, h, t, d = out.shape
         return out.transpose(1, 2).reshape(b, t, h * d)
 
@@ -202,11 +255,13 @@ class BatchDecoder:
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
         return (hidden @ self.emb_t).float()
 
-    def _step_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+    def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers) -> torch.Tensor:
         """Logits for a decode step: bf16 on CPU (see __init__), exact rescoring later."""
         if self.emb_lp is None:
             return self._logits(hidden)
-        return (hidden.to(torch.bfloat16) @ self.emb_lp).float()
+        n = hidden.shape[0]
+        low = torch.matmul(hidden.to(torch.bfloat16), self.emb_lp, out=bufs.low[:n])
+        return bufs.logits[:n].copy_(low)
 
     def _rescore(self, logits: torch.Tensor, hidden: torch.Tensor) -> None:
         """Overwrite the RESCORE best allowed text and timestamp logits of each row with their
@@ -243,9 +298,9 @@ class BatchDecoder:
             logits[:, tb + self.max_initial_ts + 1:] = neg
         if hidden is not None and self.emb_lp is not None:
             self._rescore(logits, hidden)
-        logprobs = F.log_softmax(logits, dim=-1)
-        ts_lp = logprobs[:, tb:].logsumexp(dim=-1)
-        text_lp = logprobs[:, :tb].max(dim=-1).values
+        # whisper compares log-probabilities; their shared normaliser cancels out
+        ts_lp = logits[:, tb:].logsumexp(dim=-1)
+        text_lp = logits[:, :tb].max(dim=-1).values
         logits[:, :tb].masked_fill_((ts_lp > text_lp)[:, None], neg)
 
     @torch.inference_mode()
@@ -271,11 +326,12 @@ class BatchDecoder:
         cache = [[torch.empty(n, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
                   torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
                  for _ in self.layers]
+        bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None)
         cross = []
         for layer in self.layers:
             ck = self._heads(F.linear(features, layer.ck)).transpose(-1, -2).contiguous()
             cv = self._heads(F.linear(features, *layer.cv)).contiguous()
-            cross.append((ck, cv))
+            cross.append((ck.to(self.cross_dtype), cv.to(self.cross_dtype)))
         first_cross = cross
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
         sampling = any(t > 0 for t in temperatures)
@@ -297,9 +353,8 @@ class BatchDecoder:
                 probs = self._logits(hidden[:, sot_index]).softmax(dim=-1)
                 no_speech = probs[:, self.tok.no_speech].cpu()
             offset += tokens_in.shape[1]
-            logits = self._step_logits(hidden[:, -1])
+            logits = self._step_logits(hidden[:, -1], bufs)
             self._apply_rules(logits, step, last, penult, ts_max, hidden[:, -1])
-            logprobs = F.log_softmax(logits, dim=-1)
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step
                 t = temps[rows]
@@ -307,7 +362,8 @@ class BatchDecoder:
                     F.softmax(logits / t.clamp(min=1e-5)[:, None], dim=-1), 1).squeeze(1)
                 nxt = torch.where(t > 0, sampled, nxt)
             live = ~done[rows]
-            sum_lp[rows] += logprobs.gather(1, nxt[:, None]).squeeze(1) * live
+            chosen = logits.gather(1, nxt[:, None]).squeeze(1) - bufs.logsumexp(logits)
+            sum_lp[rows] += chosen * live
             nxt = torch.where(live, nxt, torch.full_like(nxt, self.eot))
             out_tokens[rows, step] = nxt
             done[rows] |= nxt == self.eot
@@ -341,9 +397,8 @@ class BatchDecoder:
         for i in range(n):
             seq = toks[i]
             end = seq.index(self.eot) if self.eot in seq else len(seq)
-            kv = [(k[i].permute(2, 0, 1).reshape(1, k.shape[3], -1),
-                   v[i].transpose(0, 1).reshape(1, v.shape[2], -1)) for k, v in first_cross]
-            results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i], kv))
+            results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i],
+                                     first_cross, i))
         return results
 
     def _guard_loops(self, out_tokens: torch.Tensor, rows: torch.Tensor, done: torch.Tensor,

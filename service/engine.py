@@ -483,7 +483,8 @@ class Engine:
                                        for p in pieces for ps, pe in silences):
             text_tokens = [t for p in pieces for t in p.tokens]
             frames = min(available, N_SAMPLES) // HOP_LENGTH
-            words = word_starts(self.model, tok, features, text_tokens, frames, row.cross)
+            words = word_starts(self.model, tok, features, text_tokens, frames,
+                                 row.cross(features.dtype))
             if words:
                 pieces = split_at_pauses(pieces, words, base, silences, tok)
         segs = []

@@ -200,3 +200,42 @@ def test_cached_dtw_matches_whispers() -> None:
         want = dtw(x)
         got = _dtw(np.ascontiguousarray(x.double().numpy()))
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
+
+
+def test_step_logsumexp_matches_torch() -> None:
+    from longscribe.service.decoding import _StepBuffers
+
+    gen = torch.Generator().manual_seed(1)
+    logits = torch.randn(5, 300, generator=gen) * 8
+    logits[:, 100:] = float("-inf")  # masked tokens, as the timestamp rules leave them
+    bufs = _StepBuffers.allocate(8, 300, torch.device("cpu"), low=False)
+    assert torch.allclose(bufs.logsumexp(logits), logits.logsumexp(dim=-1), atol=1e-5)
+
+
+def test_batch_encoder_slices_and_row_cross_state(model, audio) -> None:
+    """The CPU encoder runs in slices: a batch's features match one window at a time, and a
+    row's cross-attention state is whisper's own projection of its features."""
+    from longscribe.service.decoding import BatchDecoder
+    from whisper.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(model.is_multilingual, language="en", task="transcribe")
+    bd = BatchDecoder(model, tok, torch.float32)
+    lj = audio["lj"]
+    windows = [lj[i * 20 * SR:(i * 20 + 25) * SR] for i in range(6)]  # slices of 4 and 2
+    features = bd.encode(windows)
+    assert features.shape[0] == 6
+    for i in (0, 4, 5):
+        alone = bd.encode([windows[i]])[0]
+        assert torch.allclose(features[i], alone, atol=0.05), i
+    initial = torch.tensor([list(tok.sot_sequence)] * 2)
+    rows = bd.decode(features[:2], initial, [0.0, 0.0], sot_index=0)
+    block = model.decoder.blocks[0]
+    with torch.inference_mode():
+        key = block.cross_attn.key(features[1:2])
+        value = block.cross_attn.value(features[1:2])
+    (k, v), *_ = rows[1].cross(torch.float32)
+    assert k.shape == key.shape and v.shape == value.shape
+    scale = key.abs().max()
+    assert (k - key).abs().max() <= 0.02 * scale  # bf16 storage on CPUs with bf16 units
+    assert (v - value).abs().max() <= 0.02 * value.abs().max()
+    assert rows[1].tokens and rows[0].tokens

@@ -76,6 +76,11 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
     def _client(self, context: grpc.ServicerContext) -> str:
         return client_identity(context, tokens=self.tokens)
 
+    def _owner(self, context: grpc.ServicerContext) -> str | None:
+        """With tokens configured, each token sees and controls only the jobs it submitted;
+        without, every client sees every job (there is no identity to scope by)."""
+        return self._client(context) if self.tokens else None
+
     # --- submitting -------------------------------------------------------------------------
 
     def _source(self, request: pb.SubmitJobRequest) -> Source:
@@ -159,7 +164,8 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
                  ) -> Iterator[pb.JobEvent]:
         with rpc_errors(context):
             _validate_job_id(request.job_id)
-            yield from self.manager.watch(request.job_id, request.from_index, context.is_active)
+            yield from self.manager.watch(request.job_id, request.from_index, context.is_active,
+                                          self._owner(context))
 
     def Transcribe(self, request: pb.TranscribeRequest, context: grpc.ServicerContext
                    ) -> Iterator[pb.JobEvent]:
@@ -179,7 +185,7 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
     def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
         with rpc_errors(context):
             _validate_job_id(request.job_id)
-            return self.manager.get(request.job_id, request.include_result)
+            return self.manager.get(request.job_id, request.include_result, self._owner(context))
 
     def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext
                  ) -> pb.ListJobsResponse:
@@ -188,10 +194,10 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
                 if state not in pb.JobState.values():
                     raise invalid(f"unknown job state {state}")
             jobs, token = self.manager.list(request.states, request.page_size,
-                                            request.page_token)
+                                            request.page_token, self._owner(context))
             return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
     def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
         with rpc_errors(context):
             _validate_job_id(request.job_id)
-            return self.manager.cancel(request.job_id)
+            return self.manager.cancel(request.job_id, self._owner(context))

@@ -204,8 +204,9 @@ class JobManager:
         log.info("job %s queued: %s %s", row.job_id, source.kind, source.value)
         return self._to_pb(job)
 
-    def get(self, job_id: str, include_result: bool = False) -> pb.Job:
-        job = self._find(job_id)
+    def get(self, job_id: str, include_result: bool = False, owner: str | None = None
+            ) -> pb.Job:
+        job = self._find(job_id, owner)
         message = self._to_pb(job)
         if include_result and job.row.state == pb.JOB_STATE_SUCCEEDED:
             rows = [r for r in self.store.load_jobs([pb.JOB_STATE_SUCCEEDED])
@@ -214,8 +215,8 @@ class JobManager:
                 message.result.CopyFrom(rows[0].result)
         return message
 
-    def list(self, states: Iterable[int], page_size: int, page_token: str
-             ) -> tuple[list[pb.Job], str]:
+    def list(self, states: Iterable[int], page_size: int, page_token: str,
+             owner: str | None = None) -> tuple[list[pb.Job], str]:
         wanted = set(states)
         if page_size < 0:
             raise invalid("page_size must not be negative")
@@ -229,13 +230,14 @@ class JobManager:
             jobs = sorted(self._jobs.values(), key=lambda j: j.row.seq, reverse=True)
             selected = [j for j in jobs
                         if (not wanted or j.row.state in wanted)
+                        and (owner is None or j.row.client == owner)
                         and (before is None or j.row.seq < before)]
             page = selected[:size]
             token = str(page[-1].row.seq) if len(selected) > size else ""
             return [self._to_pb(j) for j in page], token
 
-    def cancel(self, job_id: str) -> pb.Job:
-        job = self._find(job_id)
+    def cancel(self, job_id: str, owner: str | None = None) -> pb.Job:
+        job = self._find(job_id, owner)
         with self._lock:
             if job.row.state in TERMINAL_STATES:
                 return self._to_pb(job)
@@ -246,12 +248,12 @@ class JobManager:
                 self._finish(job, pb.JOB_STATE_CANCELLED, Cancelled("cancelled before it started"))
         return self._to_pb(job)
 
-    def watch(self, job_id: str, from_index: int, is_active: Callable[[], bool]
-              ) -> Iterator[pb.JobEvent]:
+    def watch(self, job_id: str, from_index: int, is_active: Callable[[], bool],
+              owner: str | None = None) -> Iterator[pb.JobEvent]:
         """Events from `from_index` until the job ends: replayed from the log, then live."""
         if from_index < 0:
             raise invalid("from_index must be 0 or more")
-        job = self._find(job_id)
+        job = self._find(job_id, owner)
         live: queue.Queue[Any] = queue.Queue()
         with self._lock:
             count = job.row.event_count
@@ -423,10 +425,12 @@ class JobManager:
 
     # --- helpers ----------------------------------------------------------------------------
 
-    def _find(self, job_id: str) -> _Job:
+    def _find(self, job_id: str, owner: str | None = None) -> _Job:
+        """The job; with `owner`, only that client's (another client's job is NOT_FOUND, the
+        same answer as for no job, so ids cannot be probed)."""
         with self._lock:
             job = self._jobs.get(job_id)
-        if job is None:
+        if job is None or (owner is not None and job.row.client != owner):
             raise JobError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id[:100]!r}")
         return job
 

@@ -499,18 +499,47 @@ def test_queued_job_limits_overall_and_per_client(limited: ServerProcess,
         assert err.value.code == grpc.StatusCode.RESOURCE_EXHAUSTED
         assert "max_queued_jobs=2" in err.value.message, err.value.message
         # Finished jobs free their places.
-        for job_id in opened:
-            a.cancel(job_id)
-        for job_id in opened:
-            assert _wait_state(a, job_id, TERMINAL, 30).state == pb.JOB_STATE_CANCELLED
+        for client, job_id in zip((a, b), opened, strict=True):
+            client.cancel(job_id)
+        for client, job_id in zip((a, b), opened, strict=True):
+            assert _wait_state(client, job_id, TERMINAL, 30).state == pb.JOB_STATE_CANCELLED
         opened.append(c.submit_url(url).job_id)
     finally:
-        for job_id in opened:
-            a.cancel(job_id)
-        for job_id in opened:
-            _wait_state(a, job_id, TERMINAL, 30)
+        owners = (a, b, c)[:len(opened)]  # jobs are only visible to the token that made them
+        for client, job_id in zip(owners, opened, strict=True):
+            client.cancel(job_id)
+        for client, job_id in zip(owners, opened, strict=True):
+            _wait_state(client, job_id, TERMINAL, 30)
         for client in (a, b, c):
             client.close()
+
+
+def test_a_token_sees_and_controls_only_its_own_jobs(limited: ServerProcess,
+                                                     trickle: LocalServer) -> None:
+    a, b = (_limited_client(limited, t) for t in (TOKEN_A, TOKEN_B))
+    channel = grpc.insecure_channel(limited.target)
+    stub = pb_grpc.TranscriptionServiceStub(channel)
+    job_id = a.submit_url(trickle.url_for("slow.wav")).job_id
+    try:
+        # Another token gets the answer an unknown id gets: nothing to probe, nothing to stop.
+        for call in (lambda: b.get(job_id), lambda: b.cancel(job_id)):
+            with pytest.raises(LongscribeError) as err:
+                call()
+            assert err.value.code == grpc.StatusCode.NOT_FOUND, err.value.message
+        with pytest.raises(grpc.RpcError) as rpc_err:
+            list(stub.WatchJob(pb.WatchJobRequest(job_id=job_id), metadata=_bearer(TOKEN_B),
+                               timeout=10))
+        assert rpc_err.value.code() == grpc.StatusCode.NOT_FOUND  # type: ignore[attr-defined]
+        assert job_id not in {j.job_id for j in b.list()}
+        # The owner still sees it, unchanged by the other token's attempts.
+        assert job_id in {j.job_id for j in a.list()}
+        assert a.get(job_id).state not in TERMINAL
+    finally:
+        a.cancel(job_id)
+        _wait_state(a, job_id, TERMINAL, 30)
+        for client in (a, b):
+            client.close()
+        channel.close()
 
 
 def test_deadline_on_watch_is_honoured(limited: ServerProcess, trickle: LocalServer) -> None:

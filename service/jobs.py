@@ -209,10 +209,9 @@ class JobManager:
         job = self._find(job_id, owner)
         message = self._to_pb(job)
         if include_result and job.row.state == pb.JOB_STATE_SUCCEEDED:
-            rows = [r for r in self.store.load_jobs([pb.JOB_STATE_SUCCEEDED])
-                    if r.job_id == job_id]
-            if rows and rows[0].result is not None:
-                message.result.CopyFrom(rows[0].result)
+            stored = self.store.load_job(job_id)  # results live in the store, not in memory
+            if stored is not None and stored.result is not None:
+                message.result.CopyFrom(stored.result)
         return message
 
     def list(self, states: Iterable[int], page_size: int, page_token: str,

@@ -37,9 +37,9 @@ def _libc() -> ctypes.CDLL | None:
 _LIBC = _libc()
 
 
-def limit_arenas(count: int = 2) -> bool:
+def tune_malloc(arenas: int = 2) -> bool:
     """Call before starting threads; True when glibc took the settings."""
-    return bool(_LIBC and _LIBC.mallopt(_M_ARENA_MAX, count)
+    return bool(_LIBC and _LIBC.mallopt(_M_ARENA_MAX, arenas)
                 and _LIBC.mallopt(_M_MMAP_THRESHOLD, MMAP_THRESHOLD))
 
 

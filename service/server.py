@@ -145,7 +145,7 @@ def serve(config: config_module.Config) -> NoReturn:
     """Run until SIGTERM or SIGINT, then exit the process: 0 after a clean stop, 1 if the model
     could not be loaded."""
     setup_logging(config.log_level)
-    memory.limit_arenas()  # before any worker thread exists
+    memory.tune_malloc()  # before any worker thread exists
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     server = LongscribeServer(config)
     stop = threading.Event()

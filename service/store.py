@@ -153,6 +153,19 @@ class JobStore:
             ).fetchall())
         return [self._to_row(r, counts.get(r["job_id"], 0)) for r in rows]
 
+    def load_job(self, job_id: str) -> JobRow | None:
+        """One job's row (with its result), or None."""
+        with self._lock:
+            cursor = self._db.execute("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+            names = [d[0] for d in cursor.description]
+            found = cursor.fetchone()
+            if found is None:
+                return None
+            count = self._db.execute(
+                "SELECT COALESCE(MAX(idx), -1) + 1 FROM events WHERE job_id = ?", (job_id,)
+            ).fetchone()[0]
+        return self._to_row(dict(zip(names, found, strict=True)), count)
+
     @staticmethod
     def _to_row(r: dict[str, object], event_count: int) -> JobRow:
         options = pb.TranscriptionOptions.FromString(r.pop("options"))  # type: ignore[arg-type]

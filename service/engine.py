@@ -135,14 +135,19 @@ class Engine:
     """Shares one model between all jobs; see the module docstring."""
 
     def __init__(self, model: whisper.model.Whisper, *, batch_size: int | None = None,
-                 threads: int | None = None, linger: float = 0.05) -> None:
+                 threads: int | None = None, linger: float = 0.25,
+                 max_linger: float = 2.0) -> None:
         self.model = model
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.float16 if self.cuda else torch.float32
         self.batch_size = batch_size or (32 if self.cuda else 16)
         self.threads = threads
+        # a batch is held open while windows keep arriving (a gap of `linger` s ends the wait,
+        # `max_linger` s caps it): small batches cost nearly as much per step as full ones
         self.linger = linger
+        self.max_linger = max_linger
+        self._arrivals = 0  # windows fed so far, all jobs: tells the linger that feeders move
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._jobs: list[_Job] = []
@@ -244,6 +249,7 @@ class Engine:
                     job.order.append(state)
                     job.pending.append(_Item(job, state))
                     job.queued += 1
+                    self._arrivals += 1
                     self._cv.notify_all()
         except JobError as e:
             job.error = e
@@ -275,13 +281,10 @@ class Engine:
                 if live:
                     break
                 self._cv.wait(0.2)
-            waiting = sum(len(j.pending) for j in live)
-            feeding = any(not j.feed_done for j in self._jobs if not j.dead)
-            if waiting < self.batch_size and feeding and self.linger > 0:
-                self._cv.wait(self.linger)  # let feeders top the batch up
-                live = [j for j in self._jobs if not j.dead and j.pending]
-                if not live:
-                    return []
+            self._linger()
+            live = [j for j in self._jobs if not j.dead and j.pending]
+            if not live:
+                return []
             n = len(live)
             start = self._rr % n
             order = live[start:] + live[:start]
@@ -299,6 +302,29 @@ class Engine:
                 if not took:
                     break
             return batch
+
+    def _linger(self) -> None:
+        """With the lock held: wait while the batch is short and feeders keep adding windows.
+        A feeder that decodes faster than the engine transcribes (the common case: ffmpeg and
+        the VAD run at hundreds of times real time) fills the batch within a fraction of a
+        second; a stalled one (a slow download) costs at most `linger` seconds."""
+        if self.linger <= 0:
+            return
+        now = time.monotonic()
+        deadline, quiet_since, seen = now + self.max_linger, now, self._arrivals
+        while not self._stopping:
+            alive = [j for j in self._jobs if not j.dead]
+            waiting = sum(len(j.pending) for j in alive)
+            if waiting >= self.batch_size or all(j.feed_done for j in alive):
+                return
+            now = time.monotonic()
+            if self._arrivals != seen:
+                seen, quiet_since = self._arrivals, now
+            elif now - quiet_since >= self.linger:
+                return
+            if now >= deadline:
+                return
+            self._cv.wait(min(quiet_since + self.linger, deadline) - now)
 
     def _key(self, item: _Item) -> tuple[Any, ...]:
         # rows of one batch need initial token sequences of one length

@@ -5,7 +5,7 @@ FROM nvidia/cuda:12.4.1-cudnn-runtime-ubuntu22.04
 ENV DEBIAN_FRONTEND=noninteractive PYTHONUNBUFFERED=1 PIP_NO_CACHE_DIR=1 \
     LONGSCRIBE_HOST=0.0.0.0 LONGSCRIBE_PORT=50051 LONGSCRIBE_DATA_DIR=/data
 RUN apt-get update \
- && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ffmpeg ca-certificates \
+ && apt-get install -y --no-install-recommends python3 python3-venv python3-pip ffmpeg libjemalloc2 ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
 WORKDIR /opt/longscribe

@@ -8,12 +8,17 @@ PORT   ?= 50051
 
 .PHONY: demo serve test test-fast proto bench lint deps clean
 
-# ffmpeg comes from the system package manager when it is missing (Debian/Ubuntu, as root).
+# ffmpeg and jemalloc (the server's allocator, see service/memory.py) come from the system
+# package manager when they are missing (Debian/Ubuntu, as root or through sudo).
+APT_GET = $(if $(filter 0,$(shell id -u)),,sudo) apt-get
 deps:
-	@command -v ffmpeg >/dev/null 2>&1 || { \
-	  echo "installing ffmpeg"; \
-	  if [ "$$(id -u)" = 0 ]; then apt-get update -qq && apt-get install -y -qq ffmpeg >/dev/null; \
-	  else sudo apt-get update -qq && sudo apt-get install -y -qq ffmpeg >/dev/null; fi; }
+	@missing=""; \
+	command -v ffmpeg >/dev/null 2>&1 || missing="$$missing ffmpeg"; \
+	ldconfig -p 2>/dev/null | grep -q libjemalloc || missing="$$missing libjemalloc2"; \
+	if [ -n "$$missing" ]; then \
+	  echo "installing:$$missing"; \
+	  $(APT_GET) update -qq && $(APT_GET) install -y -qq $$missing >/dev/null; \
+	fi
 
 # torch is pinned to the CPU build that pip finds locally; an unpinned torch pulls a CUDA build.
 $(STAMP): pyproject.toml

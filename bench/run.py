@@ -183,6 +183,7 @@ def run_service(device: str, long_audio: Path, duration: float, work: Path) -> d
         with PeakSampler(server.pid) as sampler:
             result, wall = transcribe_through_service(server.target, long_audio)
         gpu = _gpu_peak_from_metrics(metrics_port)
+        allocator = _allocator(server.pid)
     finally:
         server.stop()
     return {
@@ -193,8 +194,18 @@ def run_service(device: str, long_audio: Path, duration: float, work: Path) -> d
         "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
         "peak_gpu_mb": round(gpu, 1) if gpu is not None else None,
         "segments": len(result.segments),
+        "allocator": allocator,
         **timing_and_accuracy([s.start for s in result.segments], result.text, duration),
     }
+
+
+def _allocator(pid: int) -> str:
+    """The server's malloc (`--allocator auto` preloads jemalloc where installed)."""
+    try:
+        maps = Path(f"/proc/{pid}/maps").read_text()
+    except OSError:
+        return "unknown"
+    return "jemalloc" if "libjemalloc" in maps else "system malloc"
 
 
 def _duration(path: Path) -> float:
@@ -236,10 +247,12 @@ def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
         try:
             with PeakSampler(server.pid) as sampler:
                 result, wall = transcribe_through_service(server.target, audio)
+            allocator = _allocator(server.pid)
         finally:
             server.stop()
             audio.unlink()
         out[key] = round(sampler.peak_rss / 2**20, 1)
+        out["allocator"] = allocator
         out[key.replace("_mb", "_wall_seconds")] = round(wall, 1)
         out[key.replace("_mb", "_segments")] = len(result.segments)
     out["rss_ratio"] = round(out["rss_3h_mb"] / out["rss_10min_mb"], 3)
@@ -259,7 +272,8 @@ def table(report: dict[str, Any]) -> str:
     lines = ["\n".join(rows), "",
              f"speedup (service / baseline): **{report['speedup']}×**; "
              f"WER delta: {report['wer_delta']:+.2f} points; "
-             f"device: {report['device']}", "",
+             f"device: {report['device']}; server allocator: "
+             f"{report['service'].get('allocator', 'unknown')}", "",
              "| side | WER, whole tiled file | sentence starts within 0.5 s | "
              "the same without tiling seams |",
              "|---|---|---|---|"]

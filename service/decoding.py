@@ -328,12 +328,9 @@ class BatchDecoder:
                   torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
                  for _ in self.layers]
         bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None)
-        cross = []
-        for layer in self.layers:
-            ck = self._heads(F.linear(features, layer.ck)).transpose(-1, -2).contiguous()
-            cv = self._heads(F.linear(features, *layer.cv)).contiguous()
-            cross.append((ck.to(self.cross_dtype), cv.to(self.cross_dtype)))
+        cross = self._cross_state(features)
         first_cross = cross
+        slot = list(range(n))  # where each row's state lives in the batch tensors
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
         sampling = any(t > 0 for t in temperatures)
         rows = torch.arange(n, device=dev)  # original row of each live batch entry
@@ -383,12 +380,16 @@ class BatchDecoder:
             alive = int(keep.sum())
             if alive == 0:
                 break
-            # drop finished rows once at most half are left (copies amortise to ≤ 2× the batch)
+            # drop finished rows once at most half are left: swap the live ones to the front of
+            # the batch tensors and go on with views of that front part. Nothing is allocated
+            # (fresh compacted copies, kept while the decode ran on, fragmented the heap), and
+            # the finished rows' cross state stays intact for their word alignment.
             if alive <= len(rows) // 2:
-                idx = keep.nonzero().squeeze(1)
+                order = _partition(keep.tolist(), [*cache, *cross], rows.tolist(), slot)
+                idx = torch.tensor(order[:alive], device=dev)
                 rows = rows[idx]
-                cache = [[c.index_select(0, idx) for c in kv] for kv in cache]
-                cross = [(k.index_select(0, idx), v.index_select(0, idx)) for k, v in cross]
+                cache = [[c[:alive] for c in kv] for kv in cache]
+                cross = [(k[:alive], v[:alive]) for k, v in cross]
                 ts_max, last, penult = ts_max[idx], last[idx], penult[idx]
                 tokens_in = tokens_in[idx]
 
@@ -399,8 +400,27 @@ class BatchDecoder:
             seq = toks[i]
             end = seq.index(self.eot) if self.eot in seq else len(seq)
             results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i],
-                                     first_cross, i))
+                                     first_cross, slot[i]))
         return results
+
+    def _cross_state(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """Cross-attention keys (B, H, D, S) and values (B, H, S, D) per layer, in the cross
+        dtype. On CPU projected a few rows at a time straight into the result, so the fp32
+        projections of the whole batch (~75 MB per layer for 16 rows) never exist at once."""
+        n = features.shape[0]
+        frames, d = features.shape[1], features.shape[2]
+        hd = d // self.n_head
+        step = n if self.device.type == "cuda" else ENCODE_SLICE_CPU
+        cross = []
+        for layer in self.layers:
+            ck = features.new_empty((n, self.n_head, hd, frames), dtype=self.cross_dtype)
+            cv = features.new_empty((n, self.n_head, frames, hd), dtype=self.cross_dtype)
+            for s in range(0, n, step):
+                part = features[s:s + step]
+                ck[s:s + step] = self._heads(F.linear(part, layer.ck)).transpose(-1, -2)
+                cv[s:s + step] = self._heads(F.linear(part, *layer.cv))
+            cross.append((ck, cv))
+        return cross
 
     def _guard_loops(self, out_tokens: torch.Tensor, rows: torch.Tensor, done: torch.Tensor,
                      length: int, ratio: float, looped: list[bool]) -> None:
@@ -415,3 +435,23 @@ class BatchDecoder:
             if len(text) > 120 and compression_ratio(text) > ratio:
                 looped[r] = True
                 done[r] = True
+
+
+def _partition(keep: list[bool], tensors: Sequence[Sequence[torch.Tensor]], rows: list[int],
+               slot: list[int]) -> list[int]:
+    """Swap the kept batch entries to the front of every per-row tensor, in place. `rows` maps
+    each current entry to its original row; `slot` (original row → entry) is updated. Returns
+    the new order of the current entries (a permutation of range(len(keep)))."""
+    alive = sum(keep)
+    order = list(range(len(keep)))
+    holes = [i for i in range(alive) if not keep[i]]
+    movers = [j for j in range(alive, len(keep)) if keep[j]]
+    for i, j in zip(holes, movers, strict=True):
+        for group in tensors:
+            for t in group:
+                row = t[i].clone()
+                t[i] = t[j]
+                t[j] = row
+        order[i], order[j] = order[j], order[i]
+        slot[rows[i]], slot[rows[j]] = j, i
+    return order

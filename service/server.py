@@ -143,9 +143,11 @@ def _exit(code: int) -> NoReturn:
 
 def serve(config: config_module.Config) -> NoReturn:
     """Run until SIGTERM or SIGINT, then exit the process: 0 after a clean stop, 1 if the model
-    could not be loaded."""
+    could not be loaded. May first re-execute the process (same pid) to preload jemalloc."""
+    memory.use_allocator(config.allocator)
     setup_logging(config.log_level)
     memory.tune_malloc()  # before any worker thread exists
+    log.info("memory allocator: %s", memory.allocator_name())
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
     server = LongscribeServer(config)
     stop = threading.Event()

@@ -239,3 +239,30 @@ def test_batch_encoder_slices_and_row_cross_state(model, audio) -> None:
     assert (k - key).abs().max() <= 0.02 * scale  # bf16 storage on CPUs with bf16 units
     assert (v - value).abs().max() <= 0.02 * value.abs().max()
     assert rows[1].tokens and rows[0].tokens
+
+
+def test_finished_rows_keep_their_cross_state_when_the_batch_compacts(model, audio) -> None:
+    """Short windows finish early and the live rows move to the front of the batch tensors;
+    every row must still find its own cross-attention state for its word alignment."""
+    from longscribe.service.decoding import BatchDecoder
+    from whisper.tokenizer import get_tokenizer
+
+    tok = get_tokenizer(model.is_multilingual, language="en", task="transcribe")
+    bd = BatchDecoder(model, tok, torch.float32)
+    lj = audio["lj"]
+    short = [lj[i * 30 * SR:(i * 30 + 2) * SR] for i in range(4)]
+    long = [lj[(i * 30 + 3) * SR:(i * 30 + 28) * SR] for i in range(2)]
+    windows = [short[0], long[0], short[1], short[2], long[1], short[3]]
+    features = bd.encode(windows)
+    initial = torch.tensor([list(tok.sot_sequence)] * len(windows))
+    rows = bd.decode(features, initial, [0.0] * len(windows), sot_index=0)
+    lengths = [len(r.tokens) for r in rows]
+    assert max(lengths[1], lengths[4]) > 8 + max(lengths[i] for i in (0, 2, 3, 5)), lengths
+    assert sorted(r.index for r in rows) == list(range(len(rows)))
+    assert any(r.index != i for i, r in enumerate(rows)), "the batch never compacted"
+    block = model.decoder.blocks[-1]
+    for i, row in enumerate(rows):
+        with torch.inference_mode():
+            key = block.cross_attn.key(features[i:i + 1])
+        k, _ = row.cross(torch.float32)[-1]
+        assert (k - key).abs().max() <= 0.02 * key.abs().max(), i

@@ -382,8 +382,8 @@ class BatchDecoder:
                 break
             # drop finished rows once at most half are left: swap the live ones to the front of
             # the batch tensors and go on with views of that front part. Nothing is allocated
-            # (fresh compacted copies, kept while the decode ran on, fragmented the heap), and
-            # the finished rows' cross state stays intact for their word alignment.
+            # (compacted copies held the batch's cross state 1.5 times over while the decode
+            # ran on), and the finished rows' cross state stays intact for their alignment.
             if alive <= len(rows) // 2:
                 order = _partition(keep.tolist(), [*cache, *cross], rows.tolist(), slot)
                 idx = torch.tensor(order[:alive], device=dev)

@@ -4,10 +4,11 @@ on the same device and the same audio.
     python -m bench.run [--minutes N] [--device auto|cpu|cuda] [--no-rss] [--rss-hours H]
 
 Audio: the LJSpeech reading from ../shared/testdata tiled to N minutes (default 10 on CPU, 60 on
-GPU; the reading's own 0.4 s sentence pause between repeats), and the reading itself for WER. Per side: audio seconds, wall seconds, × real time, WER,
-peak RSS, peak GPU memory; then speedup (service / baseline) and wer_delta (service − baseline,
-percentage points). With RSS on, the server's peak RSS is also measured on a 10-minute and a
-long (default 3-hour) file: rss_10min_mb, rss_3h_mb. Writes JSON to $BENCH_OUT (default
+GPU; the reading's own 0.4 s sentence pause between repeats), and the reading itself for WER.
+Per side: audio seconds, wall seconds, × real time, WER, peak RSS, peak GPU memory; then
+speedup (service / baseline) and wer_delta (service − baseline, percentage points). With RSS
+on, the server's peak RSS is also measured on a 10-minute and a long (default 3-hour) file:
+rss_10min_mb, rss_3h_mb. Writes JSON to $BENCH_OUT (default
 bench/out/latest.json) and prints a markdown table."""
 
 from __future__ import annotations

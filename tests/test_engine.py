@@ -266,3 +266,37 @@ def test_finished_rows_keep_their_cross_state_when_the_batch_compacts(model, aud
             key = block.cross_attn.key(features[i:i + 1])
         k, _ = row.cross(torch.float32)[-1]
         assert (k - key).abs().max() <= 0.02 * key.abs().max(), i
+
+
+def test_out_of_memory_halves_the_batch_and_loses_nothing(model, audio) -> None:
+    """The GPU out-of-memory path, driven on any machine: the decoder raises torch's
+    OutOfMemoryError for batches over two windows (as a GPU that cannot hold them would); the
+    engine halves the batch until it fits, and the job's text is the one an unconstrained engine
+    gives (up to the last-bit differences that another batch size may make)."""
+    lj = audio["lj"][: 150 * SR]
+    reference = Engine(model, batch_size=8)
+    reference.start()
+    try:
+        expected = transcript_text(run(reference, lj))
+    finally:
+        reference.stop()
+    eng = Engine(model, batch_size=8)
+    decode = eng._decoder.decode
+    sizes: list[int] = []
+
+    def tight_memory(features, *args, **kwargs):
+        sizes.append(features.shape[0])
+        if features.shape[0] > 2:
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        return decode(features, *args, **kwargs)
+
+    eng._decoder.decode = tight_memory
+    eng.start()
+    try:
+        results = run(eng, lj)
+    finally:
+        eng.stop()
+    assert eng.stats_snapshot().oom_splits >= 2  # 8 → 4 → 2
+    assert eng.batch_size <= 2 and max(sizes) > 2
+    assert [r.index for r in results] == list(range(len(results)))
+    assert wer(expected, transcript_text(results)) <= 0.02

@@ -281,19 +281,21 @@ class BatchDecoder:
         """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once."""
         neg = float("-inf")
         tb = self.ts_begin
-        ids = self.vocab_ids
         if step == 0:
             logits.masked_fill_(self.blank, neg)
         logits.masked_fill_(self.suppress, neg)
         if step > 0:
+            # each rule touches only its columns, with a per-row mask broadcast over them: no
+            # (rows, vocab) mask is built, and the timestamp rules read 1501 columns, not 51k
             last_ts = last >= tb
             pen_ts = (penult >= tb) if step > 1 else torch.ones_like(last_ts)
-            logits.masked_fill_((last_ts & pen_ts)[:, None] & (ids >= tb), neg)
-            logits.masked_fill_((last_ts & ~pen_ts)[:, None] & (ids < self.eot), neg)
+            stamps = logits[:, tb:]
+            stamps.masked_fill_((last_ts & pen_ts)[:, None], neg)
+            logits[:, :self.eot].masked_fill_((last_ts & ~pen_ts)[:, None], neg)
             # timestamps never decrease; a segment has nonzero length
             bound = torch.where(last_ts & ~pen_ts, ts_max, ts_max + 1)
             bound = torch.where(ts_max >= 0, bound, torch.zeros_like(bound))
-            logits.masked_fill_((ids >= tb) & (ids[None, :] < bound[:, None]), neg)
+            stamps.masked_fill_(self.vocab_ids[None, tb:] < bound[:, None], neg)
         else:
             logits[:, :tb] = neg
             logits[:, tb + self.max_initial_ts + 1:] = neg

@@ -79,13 +79,15 @@ class Config:
     )
     vad: str = field(
         default="silero",
-        metadata={"help": "speech detection for cutting windows: silero or energy"},
+        metadata={"help": "speech detection for cutting windows: silero or energy",
+                  "choices": ("silero", "energy")},
     )
     log_level: str = field(default="INFO", metadata={"help": "DEBUG, INFO, WARNING, ERROR"})
     allocator: str = field(
         default="auto",
         metadata={"help": "memory allocator: auto (jemalloc when installed), jemalloc, or system "
-                  "(glibc malloc, tuned); jemalloc keeps the resident peak flatter"},
+                  "(glibc malloc, tuned); jemalloc keeps the resident peak flatter",
+                  "choices": ("auto", "jemalloc", "system")},
     )
 
     @property
@@ -115,7 +117,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
             continue
         caster = {"int": int, "float": float}.get(str(f.type), str)
         value = caster(env_value) if env_value is not None else default
-        parser.add_argument(flag, dest=f.name, type=caster, default=value, help=help_text)
+        parser.add_argument(flag, dest=f.name, type=caster, default=value, help=help_text,
+                            choices=f.metadata.get("choices"))
 
 
 def from_namespace(ns: argparse.Namespace) -> Config:

@@ -212,11 +212,9 @@ def run_service(device: str, long_audio: Path, duration: float, work: Path) -> d
 
 def _allocator(pid: int) -> str:
     """The server's malloc (`--allocator auto` preloads jemalloc where installed)."""
-    try:
-        maps = Path(f"/proc/{pid}/maps").read_text()
-    except OSError:
-        return "unknown"
-    return "jemalloc" if "libjemalloc" in maps else "system malloc"
+    from longscribe.service.memory import jemalloc_loaded
+
+    return "jemalloc" if jemalloc_loaded(pid) else "system malloc"
 
 
 def _duration(path: Path) -> float:

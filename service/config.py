@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ENV_PREFIX = "LONGSCRIBE_"
+ALLOCATORS = ("auto", "jemalloc", "system")  # see service/memory.py
 
 
 def _default_data_dir() -> str:
@@ -87,7 +88,7 @@ class Config:
         default="auto",
         metadata={"help": "memory allocator: auto (jemalloc when installed), jemalloc, or system "
                   "(glibc malloc, tuned); jemalloc keeps the resident peak flatter",
-                  "choices": ("auto", "jemalloc", "system")},
+                  "choices": ALLOCATORS},
     )
 
     @property

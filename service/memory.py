@@ -20,6 +20,8 @@ import os
 import sys
 from pathlib import Path
 
+from .config import ALLOCATORS
+
 log = logging.getLogger(__name__)
 
 _M_ARENA_MAX = -8  # mallopt parameter numbers in glibc's malloc.h
@@ -61,7 +63,6 @@ def release_free_memory() -> None:
         _LIBC.malloc_trim(0)
 
 
-ALLOCATORS = ("auto", "jemalloc", "system")
 # set only on the re-executed process: the LD_PRELOAD it had before, restored at once so that
 # children (ffmpeg, yt-dlp) do not inherit the preload
 _ORIGINAL_PRELOAD = "LONGSCRIBE_ORIGINAL_LD_PRELOAD"
@@ -72,18 +73,24 @@ def find_jemalloc() -> str | None:
     return ctypes.util.find_library("jemalloc")
 
 
-@functools.cache
-def jemalloc_active() -> bool:
+def jemalloc_loaded(pid: int | str = "self") -> bool:
+    """Whether a process (this one by default) has jemalloc mapped."""
     try:
-        return "libjemalloc" in Path("/proc/self/maps").read_text()
+        return "libjemalloc" in Path(f"/proc/{pid}/maps").read_text()
     except OSError:
         return False
 
 
+@functools.cache
+def jemalloc_active() -> bool:
+    return jemalloc_loaded()
+
+
 def use_allocator(choice: str) -> None:
     """Re-execute this process with jemalloc preloaded when `choice` asks for it (auto: when
-    installed). Call first thing in the server's main(): exec keeps the pid, and no thread
-    exists yet. Raises SystemExit when jemalloc is required and missing."""
+    installed). Call first thing in serve(): exec keeps the pid, and no thread exists yet
+    (env values are not checked by argparse, hence the check here). Raises SystemExit when
+    jemalloc is required and missing."""
     if choice not in ALLOCATORS:
         raise SystemExit(f"--allocator must be one of {', '.join(ALLOCATORS)}, not {choice!r}")
     original = os.environ.pop(_ORIGINAL_PRELOAD, None)

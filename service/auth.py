@@ -102,7 +102,9 @@ def _token_matches(token: str, tokens: frozenset[str]) -> bool:
 
 def _aborting_handler(like: grpc.RpcMethodHandler | None, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same call kind as `like` that answers UNAUTHENTICATED. It has no
-    request deserializer, so an unauthenticated request is never parsed."""
+    request deserializer, so an unauthenticated request is never parsed. A unary request runs
+    it only once its message is received: one over the receive limit is answered
+    RESOURCE_EXHAUSTED by gRPC first (documented in the README)."""
 
     def abort(_request: Any, context: grpc.ServicerContext) -> Any:
         context.abort(grpc.StatusCode.UNAUTHENTICATED, message)

@@ -3,8 +3,15 @@
 Random and malformed field values (unicode, NULs, huge strings, out-of-range numbers, invalid
 enum values, broken upload sequences, random tokens) go to SubmitJob, UploadAndSubmit, WatchJob,
 Transcribe, GetJob, ListJobs and CancelJob. Only documented status codes may come back, never
-UNKNOWN or INTERNAL; a call without the right token is UNAUTHENTICATED whatever else it holds;
+UNKNOWN or INTERNAL; a call without the right token is UNAUTHENTICATED whatever else it holds,
+except a request message over the server's receive limit (8 MiB), which gRPC itself refuses
+with RESOURCE_EXHAUSTED while receiving it, before the token check can answer (README, API);
 and at the end the server still answers health SERVING and transcribes real speech.
+
+A failure prints an `@reproduce_failure(...)` blob (print_blob) that replays the failing example
+(add it above the property's `@given`); a failure hypothesis cannot replay prints a
+`--hypothesis-seed=N` to rerun the module with instead. The time budget never skips the replay of
+a property that has failed, so shrinking and the blob see the failure again.
 
 Jobs a fuzzed call creates are cancelled at once (the server is started with queue limits far
 above what the fuzz creates), so they never pile up. The whole module is bounded in time: each
@@ -13,6 +20,7 @@ property stops drawing work once the module's budget is spent.
 
 from __future__ import annotations
 
+import functools
 import shutil
 import time
 from collections.abc import Callable, Iterator
@@ -26,6 +34,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 from longscribe.client.client import LongscribeClient
+from longscribe.service.server import UPLOAD_MESSAGE_LIMIT
 from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
 
@@ -77,20 +86,27 @@ class Fuzzer:
     created: set[str] = field(default_factory=set)
     by_request: dict[str, str] = field(default_factory=dict)
     seen: dict[str, set[str]] = field(default_factory=dict)  # method → status names seen
+    failing: set[str] = field(default_factory=set)  # properties that have failed once
 
-    def out_of_time(self) -> bool:
-        return time.monotonic() > self.deadline
-
-    def call(self, method: str, fn: Callable[[], Any], md: tuple[tuple[str, str], ...]) -> Any:
-        """Run one call; check its status against the documented set and the token rule."""
+    def call(self, method: str, fn: Callable[[], Any], md: tuple[tuple[str, str], ...],
+             request: Any = None) -> Any:
+        """Run one call; check its status against the documented set and the token rule.
+        `request`: the one request message of a unary-request call (stream-request calls are
+        authenticated before any message is read, so their size never decides the status)."""
         try:
             reply, code, details = fn(), grpc.StatusCode.OK, ""
         except grpc.RpcError as err:
             reply, code, details = None, err.code(), err.details()  # type: ignore[attr-defined]
         self.seen.setdefault(method, set()).add(code.name)
         assert code in ALLOWED, f"{method} answered {code.name}: {details!r}"
-        if md != GOOD:
-            assert code == grpc.StatusCode.UNAUTHENTICATED, f"{method} without the token: {code}"
+        size = request.ByteSize() if request is not None else 0
+        if size > UPLOAD_MESSAGE_LIMIT:
+            # gRPC refuses it while receiving it: no handler (and so no token check) runs.
+            assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, (
+                f"{method} with a {size}-byte request (limit {UPLOAD_MESSAGE_LIMIT}): {code}")
+        elif md != GOOD:
+            assert code == grpc.StatusCode.UNAUTHENTICATED, (
+                f"{method} without the token, {size}-byte request: {code}")
         else:
             assert code != grpc.StatusCode.UNAUTHENTICATED, f"{method} refused the right token"
         return reply
@@ -137,6 +153,25 @@ def fuzzer(tmp_path_factory: pytest.TempPathFactory, fuzz_root: Path) -> Iterato
     channel.close()
     code = proc.stop()
     assert code == 0, f"server did not stop cleanly ({code}):\n{proc.log()[-3000:]}"
+
+
+def budgeted(test: Callable[..., None]) -> Callable[..., None]:
+    """Skip the property's examples once the module's time budget is spent, except when the
+    property has failed: hypothesis replays a failing example to shrink it and to print its
+    blob, and a replay skipped for time would pass and turn the failure into a flaky one."""
+
+    @functools.wraps(test)
+    def run(*args: Any, **kwargs: Any) -> None:
+        fuzzer: Fuzzer = kwargs["fuzzer"] if "fuzzer" in kwargs else args[0]
+        if time.monotonic() > fuzzer.deadline and test.__name__ not in fuzzer.failing:
+            return
+        try:
+            test(*args, **kwargs)
+        except BaseException:
+            fuzzer.failing.add(test.__name__)
+            raise
+
+    return run
 
 
 # --- strategies ----------------------------------------------------------------------------------
@@ -245,24 +280,26 @@ def _known_or(draw: st.DrawFn, fuzzer: Fuzzer, other: st.SearchStrategy[str]) ->
 @FUZZ
 @given(request=submit_requests(), md=AUTH)
 @example(request=pb.SubmitJobRequest(url=OVERSIZED), md=GOOD)
+@example(request=pb.SubmitJobRequest(url=OVERSIZED), md=())  # refused before the token check
 @example(request=pb.SubmitJobRequest(server_path="jfk.flac", request_id="r1"), md=GOOD)
 @example(request=pb.SubmitJobRequest(url="http://a\x00b/x.mp3"), md=GOOD)
+@budgeted
 def test_fuzz_submit_job(fuzzer: Fuzzer, request: pb.SubmitJobRequest,
                          md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
     job = fuzzer.call("SubmitJob", lambda: fuzzer.stub.SubmitJob(
-        request, metadata=md, timeout=CALL_TIMEOUT), md)
+        request, metadata=md, timeout=CALL_TIMEOUT), md, request)
     if job is not None:
         fuzzer.adopt(job, request.request_id)
 
 
 @FUZZ
 @given(messages=UPLOAD_SEQUENCES, md=AUTH)
+# A client stream is authenticated before its first message is read, whatever its size.
+@example(messages=[pb.UploadRequest(metadata=pb.UploadMetadata(filename=OVERSIZED))], md=())
+@example(messages=[pb.UploadRequest(metadata=pb.UploadMetadata(filename=OVERSIZED))], md=GOOD)
+@budgeted
 def test_fuzz_upload_and_submit(fuzzer: Fuzzer, messages: list[pb.UploadRequest],
                                 md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
     job = fuzzer.call("UploadAndSubmit", lambda: fuzzer.stub.UploadAndSubmit(
         iter(messages), metadata=md, timeout=CALL_TIMEOUT), md)
     if job is not None:
@@ -271,17 +308,16 @@ def test_fuzz_upload_and_submit(fuzzer: Fuzzer, messages: list[pb.UploadRequest]
 
 @FUZZ
 @given(data=st.data(), from_index=INT64, md=AUTH)
+@budgeted
 def test_fuzz_watch_job(fuzzer: Fuzzer, data: st.DataObject, from_index: int,
                         md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
     job_id = _known_or(data.draw, fuzzer, JOB_IDS)
+    request = pb.WatchJobRequest(job_id=job_id, from_index=from_index)
 
     def watch() -> list[pb.JobEvent]:
-        return list(fuzzer.stub.WatchJob(pb.WatchJobRequest(job_id=job_id, from_index=from_index),
-                                         metadata=md, timeout=WATCH_TIMEOUT))
+        return list(fuzzer.stub.WatchJob(request, metadata=md, timeout=WATCH_TIMEOUT))
 
-    events = fuzzer.call("WatchJob", watch, md)
+    events = fuzzer.call("WatchJob", watch, md, request)
     if events:
         # A replay from any index: contiguous indices from there, all of this job.
         assert [e.index for e in events] == list(range(from_index, from_index + len(events)))
@@ -290,21 +326,22 @@ def test_fuzz_watch_job(fuzzer: Fuzzer, data: st.DataObject, from_index: int,
 
 @FUZZ
 @given(request=submit_requests(), cancel=st.booleans(), md=AUTH)
+# Issue 10: an oversized request without a token is RESOURCE_EXHAUSTED (gRPC's own refusal).
+@example(request=pb.SubmitJobRequest(url=OVERSIZED), cancel=False, md=())
+@budgeted
 def test_fuzz_transcribe(fuzzer: Fuzzer, request: pb.SubmitJobRequest, cancel: bool,
                          md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
+
+    sent = pb.TranscribeRequest(job=request, cancel_on_disconnect=cancel)
 
     def first_event() -> pb.JobEvent | None:
-        call = fuzzer.stub.Transcribe(pb.TranscribeRequest(job=request,
-                                                           cancel_on_disconnect=cancel),
-                                      metadata=md, timeout=CALL_TIMEOUT)
+        call = fuzzer.stub.Transcribe(sent, metadata=md, timeout=CALL_TIMEOUT)
         try:
             return next(iter(call), None)
         finally:
             call.cancel()
 
-    event = fuzzer.call("Transcribe", first_event, md)
+    event = fuzzer.call("Transcribe", first_event, md, sent)
     if event is not None:
         fuzzer.adopt(fuzzer.stub.GetJob(pb.GetJobRequest(job_id=event.job_id), metadata=GOOD,
                                         timeout=CALL_TIMEOUT), request.request_id)
@@ -312,18 +349,18 @@ def test_fuzz_transcribe(fuzzer: Fuzzer, request: pb.SubmitJobRequest, cancel: b
 
 @FUZZ
 @given(data=st.data(), include_result=st.booleans(), cancel=st.booleans(), md=AUTH)
+@budgeted
 def test_fuzz_get_and_cancel_job(fuzzer: Fuzzer, data: st.DataObject, include_result: bool,
                                  cancel: bool, md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
     job_id = _known_or(data.draw, fuzzer, JOB_IDS)
     if cancel:
+        cancel_request = pb.CancelJobRequest(job_id=job_id)
         job = fuzzer.call("CancelJob", lambda: fuzzer.stub.CancelJob(
-            pb.CancelJobRequest(job_id=job_id), metadata=md, timeout=CALL_TIMEOUT), md)
+            cancel_request, metadata=md, timeout=CALL_TIMEOUT), md, cancel_request)
     else:
+        get_request = pb.GetJobRequest(job_id=job_id, include_result=include_result)
         job = fuzzer.call("GetJob", lambda: fuzzer.stub.GetJob(
-            pb.GetJobRequest(job_id=job_id, include_result=include_result), metadata=md,
-            timeout=CALL_TIMEOUT), md)
+            get_request, metadata=md, timeout=CALL_TIMEOUT), md, get_request)
     if job is not None:
         assert job.job_id == job_id and job_id in fuzzer.created
 
@@ -336,21 +373,21 @@ def test_fuzz_get_and_cancel_job(fuzzer: Fuzzer, data: st.DataObject, include_re
     states=st.lists(st.one_of(st.integers(0, 8), st.integers(-(2**31), 2**31 - 1)), max_size=5),
     md=AUTH,
 )
+@budgeted
 def test_fuzz_list_jobs(fuzzer: Fuzzer, page_size: int, page_token: str, states: list[int],
                         md: tuple[tuple[str, str], ...]) -> None:
-    if fuzzer.out_of_time():
-        return
     request = pb.ListJobsRequest(page_size=page_size, page_token=page_token, states=states)
     page = fuzzer.call("ListJobs", lambda: fuzzer.stub.ListJobs(
-        request, metadata=md, timeout=CALL_TIMEOUT), md)
+        request, metadata=md, timeout=CALL_TIMEOUT), md, request)
     if page is None:
         return
     assert len(page.jobs) <= min(page_size or 50, 500)
     assert all(j.state in states for j in page.jobs) if states else True
     if page.next_page_token:  # a token the server issued is always accepted
-        fuzzer.call("ListJobs", lambda: fuzzer.stub.ListJobs(pb.ListJobsRequest(
-            page_size=page_size, page_token=page.next_page_token, states=states),
-            metadata=md, timeout=CALL_TIMEOUT), md)
+        again = pb.ListJobsRequest(page_size=page_size, page_token=page.next_page_token,
+                                   states=states)
+        fuzzer.call("ListJobs", lambda: fuzzer.stub.ListJobs(
+            again, metadata=md, timeout=CALL_TIMEOUT), md, again)
 
 
 # --- options that pass validation, on real jobs run to the end -----------------------------------
@@ -365,11 +402,10 @@ def test_fuzz_list_jobs(fuzzer: Fuzzer, page_size: int, page_token: str, states:
 @example(language="", task="", prompt="word " * 400)  # a prompt far over whisper's 224 tokens
 @example(language="", task="", prompt="💥" * 2000)
 @example(language="de", task="translate", prompt="\x00")  # translate on an English-only model
+@budgeted
 def test_fuzz_options_on_real_jobs(fuzzer: Fuzzer, language: str, task: str, prompt: str) -> None:
     """Options the server accepts must not break the job later: it succeeds or fails with a
     documented status, never INTERNAL."""
-    if fuzzer.out_of_time():
-        return
     options = pb.TranscriptionOptions(language=language, task=task, initial_prompt=prompt)
     job = fuzzer.stub.SubmitJob(pb.SubmitJobRequest(server_path="jfk.flac", options=options),
                                 metadata=GOOD, timeout=CALL_TIMEOUT)

@@ -49,7 +49,8 @@ from tests.conftest import ServerProcess, ffmpeg, wer  # noqa: E402
 # ffmpeg filter chains for the clip effects (input: any rate/channels; output: 16 kHz mono)
 TELEPHONE = ("aresample=8000,highpass=f=300:poles=2,highpass=f=300:poles=2,"
              "lowpass=f=3400:poles=2,lowpass=f=3400:poles=2,aresample=16000")
-EFFECTS = {"clean": "anull", "telephone": TELEPHONE, "fast": "atempo=1.25"}
+EFFECTS = {"clean": "anull", "telephone": TELEPHONE, "fast": "atempo=1.25",
+           "quiet": "volume=-35dB"}
 
 
 @dataclass(frozen=True)
@@ -98,6 +99,17 @@ SHORT: tuple[Piece, ...] = (
     Piece("silence", seconds=60.0, gap=0.0),
     Piece("speech", "2412-153948-0001.flac", "telephone", gap=0.4),
 )
+
+
+# Uneven loudness (the speech-detector trap): the six LibriSpeech utterances twice, every second
+# clip 35 dB quieter, 2 s of silence between clips.
+LIBRISPEECH = ("1089-134686-0002.wav", "1221-135766-0001.wav", "1221-135766-0002.wav",
+               "1995-1837-0001.wav", "2412-153948-0000.flac", "2412-153948-0001.flac")
+UNEVEN: tuple[Piece, ...] = tuple(
+    Piece("speech", name, "quiet" if i % 2 else "clean", gap=2.0)
+    for i, name in enumerate(LIBRISPEECH * 2))
+
+LAYOUTS = {"full": FULL, "short": SHORT, "uneven": UNEVEN}
 
 
 @dataclass

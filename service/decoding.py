@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import zlib
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -68,6 +68,7 @@ class RowResult:
     # this row's index in them: the word alignment reuses them instead of projecting again
     batch_cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None
     index: int = 0
+    token_logprobs: list[float] = field(default_factory=list)  # one per token, same order
 
     @property
     def avg_logprob(self) -> float:
@@ -338,6 +339,7 @@ class BatchDecoder:
         rows = torch.arange(n, device=dev)  # original row of each live batch entry
         out_tokens = torch.full((n, self.sample_len), self.eot, dtype=torch.long, device=dev)
         sum_lp = torch.zeros(n, dtype=torch.float32, device=dev)
+        token_lp = torch.zeros((n, self.sample_len), dtype=torch.float32, device=dev)
         done = torch.zeros(n, dtype=torch.bool, device=dev)
         ts_max = torch.full((n,), -1, dtype=torch.long, device=dev)
         last = initial[:, -1].to(dev)
@@ -364,6 +366,7 @@ class BatchDecoder:
             live = ~done[rows]
             chosen = logits.gather(1, nxt[:, None]).squeeze(1) - bufs.logsumexp(logits)
             sum_lp[rows] += chosen * live
+            token_lp[rows, step] = chosen
             nxt = torch.where(live, nxt, torch.full_like(nxt, self.eot))
             out_tokens[rows, step] = nxt
             done[rows] |= nxt == self.eot
@@ -398,11 +401,12 @@ class BatchDecoder:
         results = []
         toks = out_tokens.cpu().tolist()
         lps = sum_lp.cpu().tolist()
+        per_token = token_lp.cpu().tolist()
         for i in range(n):
             seq = toks[i]
             end = seq.index(self.eot) if self.eot in seq else len(seq)
             results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i],
-                                     first_cross, slot[i]))
+                                     first_cross, slot[i], per_token[i][:end]))
         return results
 
     def _cross_state(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:

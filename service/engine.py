@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import grpc
+import numpy as np
 import torch
 import whisper
 from whisper.audio import HOP_LENGTH, N_SAMPLES
@@ -25,12 +26,25 @@ from whisper.tokenizer import get_tokenizer
 
 from . import memory, metrics
 from .decoding import SAMPLES_PER_TOKEN, BatchDecoder, RowResult, compression_ratio
-from .engine_align import MIN_PAUSE, Piece, pauses, split_at_pauses, warm_up, word_starts
+from .engine_align import (
+    MIN_PAUSE,
+    Piece,
+    assign_words,
+    pauses,
+    place_words,
+    split_at_pauses,
+    warm_up,
+    word_timings,
+)
 from .errors import Cancelled, JobError
 
 SAMPLE_RATE = 16000
 MAX_CONTINUATIONS = 8  # re-decodes of one window's unconsumed tail (whisper's "seek")
 MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another decode
+# speech the VAD found that no segment covers is decoded again on its own (see uncovered_speech)
+MIN_UNCOVERED = int(0.4 * SAMPLE_RATE)
+COVER_SLACK = int(0.15 * SAMPLE_RATE)  # word-bounded segments are this loose
+RECOVERY_PAD = int(0.3 * SAMPLE_RATE)
 
 
 @dataclass(frozen=True)
@@ -45,14 +59,23 @@ class DecodeOptions:
 
 
 @dataclass(frozen=True)
+class WordResult:
+    word: str
+    start: float  # absolute seconds
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class SegmentResult:
     start: float  # absolute seconds
     end: float
     text: str
-    avg_logprob: float
+    avg_logprob: float  # of this segment's own tokens
     no_speech_prob: float
     compression_ratio: float
     temperature: float
+    words: tuple[WordResult, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -72,6 +95,7 @@ class EngineStats:
     mixed_job_batches: int = 0  # batches holding windows of more than one job
     fallbacks: int = 0  # rows re-queued at a higher temperature
     continuations: int = 0  # rows re-decoding the unconsumed tail of a window
+    recoveries: int = 0  # rows decoding speech that no segment of its window covered
     oom_splits: int = 0  # batches halved after a CUDA out-of-memory
     encode_s: float = 0.0  # worker seconds in log-mel + encoder
     decode_s: float = 0.0  # worker seconds in the decode loop
@@ -85,6 +109,7 @@ class _WindowState:
         self.language = "en"
         self.outstanding = 1  # rows still to decode for this window
         self.continuations = 0
+        self.recovered = False  # uncovered speech already given its own decode
 
     @property
     def done(self) -> bool:
@@ -111,6 +136,11 @@ class _Item:
     state: _WindowState
     offset: int = 0  # samples into the window where this decode starts
     temp_index: int = 0
+    stop: int | None = None  # samples into the window where it stops (None: the window's end)
+
+    @property
+    def end(self) -> int:
+        return len(self.state.window.samples) if self.stop is None else self.stop
 
 
 @dataclass(eq=False)
@@ -378,7 +408,7 @@ class Engine:
 
     def _decode(self, items: list[_Item]) -> None:
         bd = self._decoder
-        audio = [it.state.window.samples[it.offset:] for it in items]
+        audio = [it.state.window.samples[it.offset:it.end] for it in items]
         t0 = time.perf_counter()
         features = bd.encode(audio)
         t1 = time.perf_counter()
@@ -444,10 +474,11 @@ class Engine:
         temperature = opts.temperatures[it.temp_index]
         segs, consumed = self._segments(it, row, ratio, temperature, features)
         window = it.state.window
-        tail = len(window.samples) - (it.offset + consumed)
+        tail = it.end - (it.offset + consumed)
         if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
                 and it.state.continuations < MAX_CONTINUATIONS
-                and _speech_in(window, window.start_sample + it.offset + consumed)):
+                and _speech_in(window, window.start_sample + it.offset + consumed,
+                               window.start_sample + it.end)):
             # the decode stopped before the window's end (whisper would seek there)
             return _Outcome(segments=segs, continue_at=it.offset + consumed)
         return _Outcome(segments=segs)
@@ -457,15 +488,27 @@ class Engine:
         state = it.state
         if outcome.retry:
             self.stats.fallbacks += 1
-            it.job.pending.appendleft(_Item(it.job, state, it.offset, it.temp_index + 1))
+            it.job.pending.appendleft(_Item(it.job, state, it.offset, it.temp_index + 1,
+                                            it.stop))
             return
         state.segments.extend(outcome.segments)
         if outcome.continue_at is not None:
             state.continuations += 1
             self.stats.continuations += 1
-            it.job.pending.appendleft(_Item(it.job, state, outcome.continue_at, 0))
+            it.job.pending.appendleft(_Item(it.job, state, outcome.continue_at, 0, it.stop))
             return
         state.outstanding -= 1
+        if state.done and not state.recovered:
+            state.recovered = True
+            window = state.window
+            for lo, hi in uncovered_speech(window, state.segments):
+                # speech the decode skipped (whisper ends a window early, or never starts on a
+                # quiet talker after a loud one): decode it alone; whisper's own no-speech and
+                # logprob rules still decide whether it is speech
+                self.stats.recoveries += 1
+                state.outstanding += 1
+                it.job.pending.append(_Item(it.job, state, lo - window.start_sample, 0,
+                                            hi - window.start_sample))
         if state.done:
             it.job.queued -= 1
             self.stats.windows += 1
@@ -480,8 +523,8 @@ class Engine:
         tokens = row.tokens
         window = it.state.window
         base = window.start_sample + it.offset
-        limit = window.start_sample + len(window.samples)
-        available = len(window.samples) - it.offset
+        limit = window.start_sample + it.end
+        available = it.end - it.offset
         is_ts = [t >= tb for t in tokens]
         single_end = is_ts[-2:] == [False, True]
         cuts = [i for i in range(1, len(tokens)) if is_ts[i - 1] and is_ts[i]]
@@ -508,33 +551,84 @@ class Engine:
             p.start = min(p.start, limit)
             p.end = min(max(p.end, p.start), limit)
         pieces = [p for p in pieces if p.tokens]
-        silences = pauses(tuple(getattr(window, "speech", ()) or ()))
-        if silences and pieces and any(p.start + MIN_PAUSE < ps and pe < p.end - MIN_PAUSE
-                                       for p in pieces for ps, pe in silences):
-            text_tokens = [t for p in pieces for t in p.tokens]
-            frames = min(available, N_SAMPLES) // HOP_LENGTH
-            words = word_starts(self.model, tok, features, text_tokens, frames,
-                                 row.cross(features.dtype))
-            if words:
-                pieces = split_at_pauses(pieces, words, base, silences, tok)
+        text_lp = [lp for t, lp in zip(tokens, row.token_logprobs, strict=False) if t < tok.eot]
+        text_tokens = [t for p in pieces for t in p.tokens]
+        speech = tuple(getattr(window, "speech", ()) or ())
+        if text_tokens:
+            span = min(available, N_SAMPLES)
+            if is_ts and is_ts[-1]:
+                # the decode closed its text with a timestamp: no words after it (aligning over
+                # the rest drags the last words onto audio it never transcribed)
+                span = min(span, (tokens[-1] - tb) * SAMPLES_PER_TOKEN + SAMPLE_RATE)
+            aligned = word_timings(self.model, tok, features, text_tokens,
+                                   max(span // HOP_LENGTH, 2), row.cross(features.dtype))
+            silences = pauses(speech)
+            if aligned and silences and any(p.start + MIN_PAUSE < ps and pe < p.end - MIN_PAUSE
+                                            for p in pieces for ps, pe in silences):
+                starts = [(w.tokens, w.start) for w in aligned]
+                pieces = split_at_pauses(pieces, starts, base, silences, tok)
+            assign_words(pieces, place_words(aligned, base, text_lp, speech))
         segs = []
+        k = 0
         for p in pieces:
+            lps = text_lp[k:k + len(p.tokens)]
+            k += len(p.tokens)
             text = tok.decode(p.tokens).strip()
             if not text:
                 continue
+            words = tuple(WordResult(w.word, round(w.start / SAMPLE_RATE, 3),
+                                     round(w.end / SAMPLE_RATE, 3), round(w.probability, 4))
+                          for w in p.words)
             segs.append(SegmentResult(
                 start=round(p.start / SAMPLE_RATE, 3), end=round(p.end / SAMPLE_RATE, 3),
-                text=text, avg_logprob=row.avg_logprob, no_speech_prob=row.no_speech_prob,
-                compression_ratio=ratio, temperature=temperature))
+                text=text, avg_logprob=float(np.mean(lps)) if lps else row.avg_logprob,
+                no_speech_prob=row.no_speech_prob, compression_ratio=ratio,
+                temperature=temperature, words=words))
         return segs, int(min(consumed, available))
 
 
-def _speech_in(window: Any, from_sample: int) -> bool:
-    """Whether the window holds speech after `from_sample` (True when it does not say)."""
+def _speech_in(window: Any, from_sample: int, to_sample: int | None = None) -> bool:
+    """Whether the window holds speech between the two samples (True when it does not say)."""
     spans = getattr(window, "speech", None)
     if not spans:
         return True
-    return sum(max(0, e - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
+    to = window.start_sample + len(window.samples) if to_sample is None else to_sample
+    return sum(max(0, min(e, to) - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
+
+
+def uncovered_speech(window: Any, segments: Iterable[SegmentResult]) -> list[tuple[int, int]]:
+    """Regions (absolute samples, padded, inside the window) of the window's VAD speech that no
+    segment covers: at least MIN_UNCOVERED long, neighbours less than a second apart joined.
+    The padding never reaches back into a segment, so its words are not decoded twice."""
+    spans = getattr(window, "speech", None)
+    if not spans:
+        return []
+    covered = sorted((int(s.start * SAMPLE_RATE), int(s.end * SAMPLE_RATE)) for s in segments)
+    holes: list[list[int]] = []
+    for lo, hi in spans:
+        cursor = lo
+        for cs, ce in covered:
+            cs, ce = cs - COVER_SLACK, ce + COVER_SLACK
+            if ce <= cursor or cs >= hi:
+                continue
+            if cs - cursor >= MIN_UNCOVERED:
+                holes.append([cursor, cs])
+            cursor = max(cursor, ce)
+        if hi - cursor >= MIN_UNCOVERED:
+            holes.append([cursor, hi])
+    merged: list[list[int]] = []
+    for lo, hi in holes:
+        if merged and lo - merged[-1][1] < SAMPLE_RATE:
+            merged[-1][1] = hi
+        else:
+            merged.append([lo, hi])
+    first, last = window.start_sample, window.start_sample + len(window.samples)
+    out = []
+    for lo, hi in merged:
+        before = max([ce for cs, ce in covered if ce <= lo + COVER_SLACK] + [first])
+        after = min([cs for cs, ce in covered if cs >= hi - COVER_SLACK] + [last])
+        out.append((max(lo - RECOVERY_PAD, before, first), min(hi + RECOVERY_PAD, after, last)))
+    return out
 
 
 def transcript_text(results: Iterable[WindowResult]) -> str:

@@ -1,35 +1,53 @@
-"""Sentence-level segment boundaries: split whisper's segments at the pauses the VAD found.
+"""Word timings, and sentence-level segment boundaries from them.
 
-Whisper groups several sentences into one timestamped segment when the speaker runs on; the
-segmenter knows exactly where the pauses are. Word times from cross-attention alignment (whisper's
-own method: alignment heads + DTW, `whisper.timing`) tell which word follows each pause; the
-segment is split there and the new segment starts where the speech resumes.
+Word times come from cross-attention alignment (whisper's own method: alignment heads + DTW,
+`whisper.timing`) on the decode's own cross state. Whisper groups several sentences into one
+timestamped segment when the speaker runs on; the segmenter knows exactly where the pauses are,
+so a segment is split at a pause between the words on either side of it, and word and segment
+bounds that fall inside a pause are moved to the speech.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numba
 import numpy as np
 import torch
+from whisper import timing
 from whisper.model import Whisper, disable_sdpa
 from whisper.timing import TOKENS_PER_SECOND, median_filter
 from whisper.tokenizer import Tokenizer
 
 SAMPLE_RATE = 16000
 MIN_PAUSE = int(0.3 * SAMPLE_RATE)  # shorter silences are within a phrase
+# whisper's defaults (transcribe(prepend_punctuations=..., append_punctuations=...))
+PREPEND_PUNCTUATION = "\"'“¿([{-"
+APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 MAX_SHIFT = 1.0  # seconds: a pause farther than this from every word start is not used
+
+
+@dataclass
+class WordTiming:
+    """One word (punctuation merged in, as whisper does): its text, its tokens, absolute sample
+    bounds, and the mean probability of its tokens in the decode."""
+
+    word: str
+    tokens: list[int]
+    start: int
+    end: int
+    probability: float = 1.0
 
 
 @dataclass
 class Piece:
     """A segment under construction: absolute sample bounds and its text tokens (no special
-    or timestamp tokens)."""
+    or timestamp tokens), and its words once assigned."""
 
     start: int
     end: int
     tokens: list[int]
+    words: list[WordTiming] = field(default_factory=list)
 
 
 @numba.jit(nopython=True, cache=True)
@@ -83,12 +101,13 @@ def pauses(speech: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:
             if b[0] - a[1] >= MIN_PAUSE]
 
 
-def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tokens: list[int],
-                num_frames: int, cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
-                ) -> list[tuple[list[int], float]]:
-    """(tokens, start seconds from the row's audio start) per word, by whisper's alignment
-    method, on audio features already computed for the batch (no second encoder pass) and,
-    where given, the decode's cross-attention keys and values per layer (no second projection)."""
+def word_timings(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tokens: list[int],
+                 num_frames: int, cross: list[tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 ) -> list[timing.WordTiming]:
+    """Words with start and end in seconds from the row's audio start (probability unset), by
+    whisper's alignment method, on audio features already computed for the batch (no second
+    encoder pass) and, where given, the decode's cross-attention keys and values per layer (no
+    second projection)."""
     sot = list(tok.sot_sequence)
     tokens = torch.tensor([*sot, tok.no_timestamps, *text_tokens, tok.eot], device=features.device)
     qks: list[torch.Tensor | None] = [None] * model.dims.n_text_layer
@@ -120,14 +139,64 @@ def word_starts(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_tok
     weights = median_filter((weights - mean) / (std + 1e-9), 7)
     matrix = weights.mean(dim=0)[len(sot):-1]
     text_idx, time_idx = _dtw(np.ascontiguousarray(-matrix.double().cpu().numpy()))
-    _, word_tokens = tok.split_to_word_tokens(text_tokens + [tok.eot])
+    words, word_tokens = tok.split_to_word_tokens(text_tokens + [tok.eot])
     if len(word_tokens) <= 1:
         return []
     bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
     jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
     jump_times = time_idx[jumps] / TOKENS_PER_SECOND
-    starts = jump_times[bounds[:-1]]
-    return [(t, float(s)) for t, s in zip(word_tokens[:-1], starts, strict=True)]
+    starts, ends = jump_times[bounds[:-1]], jump_times[bounds[1:]]
+    return [timing.WordTiming(w, t, float(s), float(e), 1.0)
+            for w, t, s, e in zip(words[:-1], word_tokens[:-1], starts, ends, strict=True)]
+
+
+def place_words(words: list[timing.WordTiming], base: int, token_logprobs: list[float],
+                speech: tuple[tuple[int, int], ...]) -> list[WordTiming]:
+    """Aligned words → absolute samples, punctuation merged into its word (whisper's rule),
+    bounds pulled out of the VAD's pauses onto the speech (the alignment smears a word over the
+    silence before or after it), each with its probability (the mean of its tokens'
+    probabilities in the decode)."""
+    timing.merge_punctuations(words, PREPEND_PUNCTUATION, APPEND_PUNCTUATION)
+    out: list[WordTiming] = []
+    silences = pauses(speech)
+    k = 0
+    kept = [w for w in words if w.tokens]
+    for w in words:
+        lps = token_logprobs[k:k + len(w.tokens)]
+        k += len(w.tokens)
+        w.probability = float(np.mean(np.exp(lps))) if lps else 1.0
+    for i, w in enumerate(kept):
+        s, e = base + int(w.start * SAMPLE_RATE), base + int(w.end * SAMPLE_RATE)
+        for ps, pe in silences:
+            if ps <= s < pe and pe < e:
+                s = pe  # starts in a pause, ends in speech after it
+            elif s < ps < e <= pe:
+                e = ps  # ends in a pause after its speech
+            elif s < ps and pe < e:
+                # spans a whole pause: no word does. The row's last word is stretched over
+                # speech the decode never reached, its first over audio before its speech;
+                # elsewhere the longer side wins.
+                if i == len(kept) - 1 or (i and ps - s >= e - pe):
+                    e = ps
+                else:
+                    s = pe
+        out.append(WordTiming(w.word, w.tokens, s, max(e, s), w.probability))
+    return out
+
+
+def assign_words(pieces: list[Piece], words: list[WordTiming]) -> None:
+    """Give each piece its words (in order, by token count) and bound it by them: whisper's
+    segment timestamps are loose, the end of a window's last segment especially."""
+    w = 0
+    for piece in pieces:
+        count = 0
+        while w < len(words) and count < len(piece.tokens):
+            piece.words.append(words[w])
+            count += len(words[w].tokens)
+            w += 1
+        if piece.words:
+            piece.start = piece.words[0].start
+            piece.end = max(piece.words[-1].end, piece.start)
 
 
 def split_at_pauses(pieces: list[Piece], words: list[tuple[list[int], float]], base: int,

@@ -128,6 +128,55 @@ class SileroScorer:
             return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
 
 
+class LevelNormalizer:
+    """Gain before the speech detector, so that a quiet speaker after a loud one is still seen.
+
+    silero-vad is stateful: after loud speech its LSTM ignores speech 30-40 dB quieter for
+    seconds (a clip it detects alone). Each frame is scaled so that the loudest frame of the
+    last `hold` frames (the frame itself included) reaches `target_db`: causal and max-held, so
+    a loud onset is never boosted and a quiet talker is lifted within `hold` frames. The gain is
+    at most `max_gain_db`, and frames held below `floor_db` (digital silence, dither) keep
+    theirs. Only the detector hears the gain; the engine decodes the original audio."""
+
+    def __init__(self, hold: int = 31, target_db: float = -25.0, max_gain_db: float = 45.0,
+                 floor_db: float = -85.0) -> None:
+        self.hold = hold
+        self.target_db = target_db
+        self.max_gain_db = max_gain_db
+        self.floor_db = floor_db
+        self.reset()
+
+    def reset(self) -> None:
+        self._recent = np.full(self.hold, -200.0)
+
+    def __call__(self, frames: np.ndarray) -> np.ndarray:
+        if len(frames) == 0:
+            return frames
+        power = np.mean(frames.astype(np.float64) ** 2, axis=1)
+        level = 10 * np.log10(power + 1e-20)
+        history = np.concatenate([self._recent, level])
+        self._recent = history[-self.hold:]
+        held = np.lib.stride_tricks.sliding_window_view(history, self.hold + 1).max(axis=1)
+        gain_db = np.where(held < self.floor_db, 0.0,
+                           np.clip(self.target_db - held, 0.0, self.max_gain_db))
+        return frames * (10 ** (gain_db / 20)).astype(np.float32)[:, None]
+
+
+class NormalizedScorer:
+    """A frame scorer that hears the audio through a LevelNormalizer."""
+
+    def __init__(self, inner: FrameScorer, normalizer: LevelNormalizer | None = None) -> None:
+        self.inner = inner
+        self.normalizer = normalizer or LevelNormalizer()
+
+    def reset(self) -> None:
+        self.inner.reset()
+        self.normalizer.reset()
+
+    def score(self, frames: np.ndarray) -> np.ndarray:
+        return self.inner.score(self.normalizer(frames))
+
+
 class EnergyScorer:
     """Frame loudness against an adaptive noise floor (10th percentile of the last ~15 s):
     speech is a frame well above the floor and above an absolute gate. Cheap, but it cannot tell
@@ -177,6 +226,7 @@ class Segmenter:
         fill_fraction: float = 0.5,
         later_bonus: float = 0.02,
         energy_margin_db: float = 12.0,
+        normalize: bool = True,
     ) -> None:
         if method not in ("silero", "energy"):
             raise ValueError(f"unknown segmentation method {method!r}: use 'silero' or 'energy'")
@@ -196,11 +246,14 @@ class Segmenter:
         self.fill_fraction = fill_fraction
         self.later_bonus = later_bonus
         self.energy_margin_db = energy_margin_db
+        # silero hears level-normalised audio (LevelNormalizer); the energy detector has its
+        # own adaptive floor
+        self.normalize = normalize
         self.max_span = self.max_window - 2 * self.pad
 
     def _scorer(self) -> FrameScorer:
         if self.method == "silero":
-            return SileroScorer()
+            return NormalizedScorer(SileroScorer()) if self.normalize else SileroScorer()
         return EnergyScorer(margin_db=self.energy_margin_db)
 
     def windows(self, chunks: Iterable[Any]) -> Iterator[Window]:

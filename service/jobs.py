@@ -72,6 +72,9 @@ class JobManager:
         self._jobs: dict[str, _Job] = {}
         self._by_request: dict[str, str] = {}
         self._pending: queue.Queue[str | None] = queue.Queue()
+        # Ids in _pending or running: a job id is queued at most once, so no two workers run
+        # the same job (a duplicate would decode it twice and log segments after its result).
+        self._queued: set[str] = set()
         self._workers: list[threading.Thread] = []
         self._closing = False
         self._engine: Any = None
@@ -79,9 +82,14 @@ class JobManager:
         self.tmp_dir = Path(config.data_dir) / "tmp"
         self.jobs_dir.mkdir(parents=True, exist_ok=True)
         self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        # Unfinished jobs found in the store, resumed by start(); jobs submitted while the
+        # model loads are queued by submit() itself and must not be queued again there.
+        self._resume: list[str] = []
         for row in store.load_jobs():
             if row.state in TERMINAL_STATES:
                 row.result = None  # loaded on demand: results can be large
+            else:
+                self._resume.append(row.job_id)
             self._jobs[row.job_id] = _Job(row=row, max_percent=self._percent_of(row))
             if row.request_id:
                 self._by_request[self._request_key(row.client, row.request_id)] = row.job_id
@@ -97,16 +105,19 @@ class JobManager:
     # --- lifecycle --------------------------------------------------------------------------
 
     def start(self, engine: Any) -> None:
-        """Start workers once the engine (and so the model) is ready; resume unfinished jobs."""
+        """Start workers once the engine (and so the model) is ready; resume the unfinished
+        jobs of the previous run (those submitted since are in the queue already)."""
         self._engine = engine
         with self._lock:
             unfinished = sorted(
-                (j for j in self._jobs.values() if j.row.state not in TERMINAL_STATES),
+                (j for j in (self._jobs.get(i) for i in self._resume)
+                 if j is not None and j.row.state not in TERMINAL_STATES),
                 key=lambda j: j.row.seq,
             )
+            self._resume = []
         for job in unfinished:
             log.info("resuming job %s (was %s)", job.row.job_id, pb.JobState.Name(job.row.state))
-            self._pending.put(job.row.job_id)
+            self._enqueue(job.row.job_id)
         for i in range(max(1, self.config.workers)):
             thread = threading.Thread(target=self._worker_loop, name=f"job-worker-{i}",
                                       daemon=True)
@@ -200,7 +211,7 @@ class JobManager:
                 self._by_request[key] = row.job_id
             self._emit_progress(job, pb.JOB_STATE_QUEUED, force=True, message="queued")
             self._publish_state_counts()
-        self._pending.put(row.job_id)
+        self._enqueue(row.job_id)
         log.info("job %s queued: %s %s", row.job_id, source.kind, source.value)
         return self._to_pb(job)
 
@@ -287,15 +298,27 @@ class JobManager:
 
     # --- the worker -------------------------------------------------------------------------
 
+    def _enqueue(self, job_id: str) -> None:
+        """Queue a job for a worker, unless it is queued or running already."""
+        with self._lock:
+            if job_id in self._queued:
+                log.warning("job %s is queued or running already; not queued again", job_id)
+                return
+            self._queued.add(job_id)
+        self._pending.put(job_id)
+
     def _worker_loop(self) -> None:
         while True:
             job_id = self._pending.get()
             if job_id is None or self._closing:
                 return
-            job = self._jobs.get(job_id)
-            if job is None or job.row.state in TERMINAL_STATES:
-                continue
-            self._run(job)
+            try:
+                job = self._jobs.get(job_id)
+                if job is not None and job.row.state not in TERMINAL_STATES:
+                    self._run(job)
+            finally:
+                with self._lock:
+                    self._queued.discard(job_id)
 
     def _run(self, job: _Job) -> None:
         job_id = job.row.job_id

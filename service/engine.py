@@ -10,11 +10,12 @@ results back to the job, which yields them in window order.
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from collections import deque
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import grpc
@@ -137,6 +138,7 @@ class _Item:
     offset: int = 0  # samples into the window where this decode starts
     temp_index: int = 0
     stop: int | None = None  # samples into the window where it stops (None: the window's end)
+    recovery: bool = False  # decodes speech that the window's own decode left uncovered
 
     @property
     def end(self) -> int:
@@ -489,13 +491,17 @@ class Engine:
         if outcome.retry:
             self.stats.fallbacks += 1
             it.job.pending.appendleft(_Item(it.job, state, it.offset, it.temp_index + 1,
-                                            it.stop))
+                                            it.stop, it.recovery))
             return
-        state.segments.extend(outcome.segments)
+        segments = outcome.segments
+        if it.recovery:
+            segments = trim_overlap(segments, state.segments)
+        state.segments.extend(segments)
         if outcome.continue_at is not None:
             state.continuations += 1
             self.stats.continuations += 1
-            it.job.pending.appendleft(_Item(it.job, state, outcome.continue_at, 0, it.stop))
+            it.job.pending.appendleft(_Item(it.job, state, outcome.continue_at, 0, it.stop,
+                                            it.recovery))
             return
         state.outstanding -= 1
         if state.done and not state.recovered:
@@ -508,7 +514,7 @@ class Engine:
                 self.stats.recoveries += 1
                 state.outstanding += 1
                 it.job.pending.append(_Item(it.job, state, lo - window.start_sample, 0,
-                                            hi - window.start_sample))
+                                            hi - window.start_sample, recovery=True))
         if state.done:
             it.job.queued -= 1
             self.stats.windows += 1
@@ -594,6 +600,47 @@ def _speech_in(window: Any, from_sample: int, to_sample: int | None = None) -> b
         return True
     to = window.start_sample + len(window.samples) if to_sample is None else to_sample
     return sum(max(0, min(e, to) - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
+
+
+def _norm(word: str) -> str:
+    return re.sub(r"[^\w']", "", word.lower())
+
+
+def trim_overlap(new: list[SegmentResult], old: list[SegmentResult]) -> list[SegmentResult]:
+    """`new` (a recovery decode) without the words that repeat the end of the segment before
+    it or the start of the segment after it: a recovery region can reach into words the
+    window's decode did transcribe but placed a little off in time."""
+    out = []
+    for seg in new:
+        words = list(seg.words)
+        if not words:
+            out.append(seg)
+            continue
+        before = [s for s in old if s.end <= seg.start + 0.5]
+        after = [s for s in old if s.start >= seg.end - 0.5]
+        if before:
+            tail = [_norm(w.word) for w in max(before, key=lambda s: s.end).words]
+            k = _overlap(tail, [_norm(w.word) for w in words])
+            words = words[k:]
+        if after and words:
+            head = [_norm(w.word) for w in min(after, key=lambda s: s.start).words]
+            k = _overlap([_norm(w.word) for w in words], head)
+            words = words[:len(words) - k]
+        if not words:
+            continue
+        if len(words) < len(seg.words):
+            seg = replace(seg, words=tuple(words), start=words[0].start, end=words[-1].end,
+                          text="".join(w.word for w in words).strip())
+        out.append(seg)
+    return out
+
+
+def _overlap(first: list[str], second: list[str]) -> int:
+    """The longest k such that the last k words of `first` are the first k of `second`."""
+    for k in range(min(len(first), len(second)), 0, -1):
+        if first[-k:] == second[:k]:
+            return k
+    return 0
 
 
 def uncovered_speech(window: Any, segments: Iterable[SegmentResult]) -> list[tuple[int, int]]:

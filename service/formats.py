@@ -14,9 +14,10 @@ from whisper.utils import WriteJSON, WriteSRT, WriteTXT, WriteVTT
 _WRITERS = {"txt": WriteTXT, "srt": WriteSRT, "vtt": WriteVTT, "json": WriteJSON}
 
 
-def segment_dicts(segments: Sequence[pb.Segment]) -> list[dict[str, Any]]:
+def segment_dicts(segments: Sequence[pb.Segment], *, words: bool = True,
+                  ) -> list[dict[str, Any]]:
     """The segment dicts whisper's writers (and `transcribe()` users) expect."""
-    return [
+    out = [
         {
             "id": s.id,
             "start": round(s.start, 3),
@@ -29,12 +30,19 @@ def segment_dicts(segments: Sequence[pb.Segment]) -> list[dict[str, Any]]:
         }
         for s in segments
     ]
+    if words:  # the shape of whisper's transcribe(word_timestamps=True)
+        for d, s in zip(out, segments, strict=True):
+            d["words"] = [{"word": w.word, "start": round(w.start, 3), "end": round(w.end, 3),
+                           "probability": round(w.probability, 4)} for w in s.words]
+    return out
 
 
 def render(fmt: str, text: str, segments: Sequence[pb.Segment], language: str) -> str:
     if fmt not in _WRITERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(_WRITERS)}")
-    result = {"text": text, "segments": segment_dicts(segments), "language": language}
+    # subtitles stay one cue per segment: given words, whisper's writers rebuild cues from them
+    result = {"text": text, "segments": segment_dicts(segments, words=fmt == "json"),
+              "language": language}
     buffer = io.StringIO()
     # The writers only use output_dir in __call__; write_result takes the file directly.
     _WRITERS[fmt](output_dir=".").write_result(result, file=buffer)

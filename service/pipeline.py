@@ -289,6 +289,8 @@ def _to_pb_segments(result: WindowResult) -> list[pb.Segment]:
     return [
         pb.Segment(start=s.start, end=s.end, text=s.text, avg_logprob=s.avg_logprob,
                    no_speech_prob=s.no_speech_prob, compression_ratio=s.compression_ratio,
-                   temperature=s.temperature)
+                   temperature=s.temperature,
+                   words=[pb.Word(word=w.word, start=w.start, end=w.end,
+                                  probability=w.probability) for w in s.words])
         for s in result.segments
     ]

@@ -105,12 +105,6 @@ def test_segments_lie_in_their_clips_in_time_order(mix: Mix, service: Any) -> No
     assert not problems, "\n".join(problems)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "the engine drops LJ001-0002 ('in being comparatively modern', 1.9 s, telephone band, 0.5 s "
-    "after the sped-up clip before it, in the same VAD window): the window's decode ends with a "
-    "single timestamp after the first clip, so no continuation is queued for the rest of the "
-    "window. Measured on CPU: 0 % of its words vs 100 % short-form (whisper's transcribe() on "
-    "the whole mix keeps it); the rest of the clips are within 10 %"))
 def test_every_clip_is_transcribed_at_its_time(mix: Mix, short_form: list[str],
                                                service: Any) -> None:
     """Each clip's reference words are found in the segments at its time (± 1 s), nearly as

@@ -150,7 +150,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[_Union[JobState, str]] = ..., percent: _Optional[float] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., audio_seconds_done: _Optional[float] = ..., audio_seconds_total: _Optional[float] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., eta_seconds: _Optional[float] = ..., realtime_factor: _Optional[float] = ..., bytes_per_second: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("id", "start", "end", "text", "avg_logprob", "no_speech_prob", "compression_ratio", "temperature")
+    __slots__ = ("id", "start", "end", "text", "avg_logprob", "no_speech_prob", "compression_ratio", "temperature", "words")
     ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -159,6 +159,7 @@ class Segment(_message.Message):
     NO_SPEECH_PROB_FIELD_NUMBER: _ClassVar[int]
     COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
+    WORDS_FIELD_NUMBER: _ClassVar[int]
     id: int
     start: float
     end: float
@@ -167,7 +168,20 @@ class Segment(_message.Message):
     no_speech_prob: float
     compression_ratio: float
     temperature: float
-    def __init__(self, id: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., temperature: _Optional[float] = ...) -> None: ...
+    words: _containers.RepeatedCompositeFieldContainer[Word]
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., temperature: _Optional[float] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ...) -> None: ...
+
+class Word(_message.Message):
+    __slots__ = ("word", "start", "end", "probability")
+    WORD_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    PROBABILITY_FIELD_NUMBER: _ClassVar[int]
+    word: str
+    start: float
+    end: float
+    probability: float
+    def __init__(self, word: _Optional[str] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., probability: _Optional[float] = ...) -> None: ...
 
 class Formats(_message.Message):
     __slots__ = ("txt", "srt", "vtt", "json")

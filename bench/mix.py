@@ -1,6 +1,6 @@
 """The hard-mix accuracy benchmark: long-form against short-form on mixed real material.
 
-    python -m bench.mix [--device auto|cpu|cuda] [--short] [--out PATH]
+    python -m bench.mix [--device auto|cpu|cuda] [--layout full|short|uneven] [--out PATH]
 
 DESIGN.md ("long-form as good as short-form"): a long file built from ../shared/testdata real
 speech (six LibriSpeech utterances, JFK, a few LJSpeech sentences cut from the long LJ file) with
@@ -445,13 +445,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--device", default=os.environ.get("LONGSCRIBE_DEVICE", "auto"))
-    parser.add_argument("--short", action="store_true", help="the ~2 min layout of the test")
+    parser.add_argument("--layout", choices=sorted(LAYOUTS), default="full",
+                        help="full; short: the ~2 min layout of the test; uneven: every second "
+                             "clip 35 dB quieter")
     parser.add_argument("--no-long", dest="long", action="store_false",
                         help="skip whisper's long-form transcribe() (the slow side on CPU)")
     parser.add_argument("--out", default=os.environ.get("BENCH_MIX_OUT", "bench/out/mix.json"))
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="longscribe-mix-") as tmp:
-        mix = build_mix(tmp, SHORT if args.short else FULL)
+        mix = build_mix(tmp, LAYOUTS[args.layout])
         print(f"mix: {mix.duration:.1f} s, {len(mix.clips)} clips", file=sys.stderr)
         report = score(mix, args.device, Path(tmp), long=args.long)
         report["mix"]["path"] = "(temporary)"

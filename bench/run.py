@@ -2,14 +2,17 @@
 on the same device and the same audio.
 
     python -m bench.run [--minutes N] [--device auto|cpu|cuda] [--no-rss] [--rss-hours H]
+                        [--no-uneven]
 
 Audio: the LJSpeech reading from ../shared/testdata tiled to N minutes (default 10 on CPU, 60 on
 GPU; the reading's own 0.4 s sentence pause between repeats), and the reading itself for WER.
 Per side: audio seconds, wall seconds, × real time, WER, peak RSS, peak GPU memory; then
 speedup (service / baseline) and wer_delta (service − baseline, percentage points). With RSS
 on, the server's peak RSS is also measured on a 10-minute and a long (default 3-hour) file:
-rss_10min_mb, rss_3h_mb. Writes JSON to $BENCH_OUT (default
-bench/out/latest.json) and prints a markdown table."""
+rss_10min_mb, rss_3h_mb. Then the uneven-loudness mix (bench/mix.py UNEVEN: six LibriSpeech
+utterances twice, every second one 35 dB quieter, 2 s pauses, mp3): WER of `transcribe()` per
+clip, `transcribe()` on the whole mix, and the service on the whole mix (key `uneven`). Writes
+JSON to $BENCH_OUT (default bench/out/latest.json) and prints a markdown table."""
 
 from __future__ import annotations
 
@@ -241,6 +244,18 @@ def _float(text: str) -> float:
         return float("inf")
 
 
+def run_uneven(device: str, work: Path) -> dict[str, Any]:
+    """The uneven-loudness mix scored three ways (bench/mix.py)."""
+    from bench.mix import UNEVEN, build_mix, score
+
+    mix = build_mix(work / "uneven", UNEVEN)
+    report = score(mix, device, work / "uneven")
+    return {"duration": report["mix"]["duration"], "clips": len(report["mix"]["clips"]),
+            **{side: {k: v for k, v in report[side].items() if k != "segments"}
+               for side in ("short", "long", "service")},
+            "gap_long": report["gap_long"], "gap_service": report["gap_service"]}
+
+
 def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
     """Server peak RSS transcribing 10 minutes, then `hours` hours (same settings)."""
     from tests.conftest import free_port
@@ -290,6 +305,13 @@ def table(report: dict[str, Any]) -> str:
         r = report[side]
         lines.append(f"| {side} | {r['long_wer'] * 100:.2f} % | {r['timestamp_match'] * 100:.1f} %"
                      f" | {r['timestamp_match_off_seams'] * 100:.1f} % |")
+    if "uneven" in report:
+        u = report["uneven"]
+        lines += ["", "uneven loudness mix (WER): "
+                  f"`transcribe()` per clip {u['short']['wer'] * 100:.2f} %, "
+                  f"`transcribe()` long-form {u['long']['wer'] * 100:.2f} %, "
+                  f"service long-form {u['service']['wer'] * 100:.2f} % "
+                  f"(gap to per clip {u['gap_service']:+.2f} points)"]
     if "rss" in report:
         r = report["rss"]
         lines += ["", f"server peak RSS: 10 min {r['rss_10min_mb']} MB, {r['rss_hours']} h "
@@ -306,6 +328,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-rss", dest="rss", action="store_false",
                         help="skip the 10-minute vs long-file RSS runs")
     parser.add_argument("--rss-hours", type=float, default=3.0)
+    parser.add_argument("--no-uneven", dest="uneven", action="store_false",
+                        help="skip the uneven-loudness mix")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/latest.json"))
     args = parser.parse_args(argv)
 
@@ -335,6 +359,8 @@ def main(argv: list[str] | None = None) -> int:
             "command": "make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'"
                                        if sys.argv[1:] else ""),
         }
+        if args.uneven:
+            report["uneven"] = run_uneven(device, work)
         if args.rss:
             report["rss"] = run_rss(device, work, args.rss_hours)
             report["rss_10min_mb"] = report["rss"]["rss_10min_mb"]

@@ -16,6 +16,7 @@ import time
 from collections import deque
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field, replace
+from difflib import SequenceMatcher
 from typing import Any
 
 import grpc
@@ -495,7 +496,9 @@ class Engine:
             return
         segments = outcome.segments
         if it.recovery:
-            segments = trim_overlap(segments, state.segments)
+            # a region the VAD calls speech and the decode skipped is often breath or noise:
+            # keep only text whose words look like speech (whisper's anomaly rule)
+            segments = [s for s in trim_overlap(segments, state.segments) if not anomalous(s)]
         state.segments.extend(segments)
         if outcome.continue_at is not None:
             state.continuations += 1
@@ -602,6 +605,23 @@ def _speech_in(window: Any, from_sample: int, to_sample: int | None = None) -> b
     return sum(max(0, min(e, to) - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
 
 
+def anomalous(segment: SegmentResult) -> bool:
+    """whisper's hallucination test (transcribe(hallucination_silence_threshold=...)): words
+    that are improbable, or implausibly short or long, over the segment's first 8 words."""
+    words = [w for w in segment.words if w.word.strip() not in _PUNCTUATION][:8]
+    if not words:
+        return True
+    score = 0.0
+    for w in words:
+        duration = w.end - w.start
+        score += (w.probability < 0.15) + (duration < 0.133) * (0.133 - duration) * 15
+        score += (duration > 2.0) * (duration - 2.0)
+    return score >= 3 or score + 0.01 >= len(words)
+
+
+_PUNCTUATION = set("\"'“¿([{-\"'.。,，!！?？:：”)]}、")
+
+
 def _norm(word: str) -> str:
     return re.sub(r"[^\w']", "", word.lower())
 
@@ -636,11 +656,18 @@ def trim_overlap(new: list[SegmentResult], old: list[SegmentResult]) -> list[Seg
 
 
 def _overlap(first: list[str], second: list[str]) -> int:
-    """The longest k such that the last k words of `first` are the first k of `second`."""
+    """The longest k such that the last k words of `first` are the first k of `second` (or
+    nearly: a word heard twice, cut differently, is often spelt differently too)."""
     for k in range(min(len(first), len(second)), 0, -1):
-        if first[-k:] == second[:k]:
+        if all(_alike(a, b) for a, b in zip(first[-k:], second[:k], strict=True)):
             return k
     return 0
+
+
+def _alike(a: str, b: str) -> bool:
+    if a == b:
+        return True
+    return min(len(a), len(b)) >= 3 and SequenceMatcher(None, a, b).ratio() >= 0.6
 
 
 def uncovered_speech(window: Any, segments: Iterable[SegmentResult]) -> list[tuple[int, int]]:

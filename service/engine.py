@@ -3,8 +3,9 @@ running job in shared batches (cross-job batching), with whisper's per-window fa
 
 Each `transcribe()` call is a job: a feeder thread pulls its windows lazily into a bounded
 per-job queue (backpressure to the segmenter and the decoder behind it); the worker takes windows
-round-robin across jobs, encodes and decodes them together (`decoding.BatchDecoder`), re-queues
-the windows whose result whisper would reject at the next temperature, and hands finished window
+round-robin across jobs, encodes and decodes them together through a `Backend` (the `torch` or
+`ct2` batch decoder), re-queues the windows whose result whisper would reject at the next
+temperature, decodes again the speech a window's decode left out, and hands finished window
 results back to the job, which yields them in window order.
 """
 
@@ -14,20 +15,19 @@ import re
 import threading
 import time
 from collections import deque
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from difflib import SequenceMatcher
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import numpy as np
-import torch
-import whisper
+from whisper import timing
 from whisper.audio import HOP_LENGTH, N_SAMPLES
-from whisper.tokenizer import get_tokenizer
+from whisper.tokenizer import Tokenizer, get_tokenizer
 
-from . import memory, metrics
-from .decoding import SAMPLES_PER_TOKEN, BatchDecoder, RowResult, compression_ratio
+from . import metrics
+from .decoding import SAMPLES_PER_TOKEN, compression_ratio
 from .engine_align import (
     MIN_PAUSE,
     Piece,
@@ -35,10 +35,18 @@ from .engine_align import (
     pauses,
     place_words,
     split_at_pauses,
-    warm_up,
-    word_timings,
 )
 from .errors import Cancelled, JobError
+from .transcriber import (
+    DecodeOptions,
+    SegmentResult,
+    WindowResult,
+    WordResult,
+    transcript_text,
+)
+
+__all__ = ["Backend", "DecodeOptions", "Engine", "SegmentResult", "WindowResult", "WordResult",
+           "transcript_text"]
 
 SAMPLE_RATE = 16000
 MAX_CONTINUATIONS = 8  # re-decodes of one window's unconsumed tail (whisper's "seek")
@@ -47,46 +55,51 @@ MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another
 MIN_UNCOVERED = int(0.4 * SAMPLE_RATE)
 COVER_SLACK = int(0.15 * SAMPLE_RATE)  # word-bounded segments are this loose
 RECOVERY_PAD = int(0.3 * SAMPLE_RATE)
+GROW_AFTER = 8  # batches that fit before an out-of-memory-halved batch size doubles again
 
 
-@dataclass(frozen=True)
-class DecodeOptions:
-    language: str | None = None
-    task: str = "transcribe"
-    initial_prompt: str | None = None
-    temperatures: tuple[float, ...] = (0.0, 0.2, 0.4, 0.6, 0.8, 1.0)
-    compression_ratio_threshold: float | None = 2.4
-    logprob_threshold: float | None = -1.0
-    no_speech_threshold: float | None = 0.6
+class DecodedRow(Protocol):
+    """One decoded window (or part of one) as a backend returns it."""
 
-
-@dataclass(frozen=True)
-class WordResult:
-    word: str
-    start: float  # absolute seconds
-    end: float
-    probability: float
-
-
-@dataclass(frozen=True)
-class SegmentResult:
-    start: float  # absolute seconds
-    end: float
-    text: str
-    avg_logprob: float  # of this segment's own tokens
+    tokens: list[int]  # sampled tokens, timestamps included, no sot prefix, no eot
     no_speech_prob: float
-    compression_ratio: float
-    temperature: float
-    words: tuple[WordResult, ...] = ()
+    looped: bool  # stopped by a repetition guard
+
+    @property
+    def avg_logprob(self) -> float: ...
 
 
-@dataclass(frozen=True)
-class WindowResult:
-    index: int
-    start: float
-    end: float
-    segments: list[SegmentResult]
-    language: str
+class Backend(Protocol):
+    """A batch decoder: what differs between engines."""
+
+    name: str
+    is_multilingual: bool
+    num_languages: int
+    text_ctx: int
+    default_batch_size: int
+    tokenizer: Tokenizer
+
+    def describe(self) -> str: ...
+
+    def warm_up(self) -> None: ...
+
+    def on_worker_thread(self, threads: int | None) -> None: ...
+
+    def encode(self, audio: Sequence[np.ndarray]) -> Any: ...
+
+    def detect_language(self, features: Any, rows: list[int]) -> list[str]: ...
+
+    def decode(self, features: Any, initial: list[list[int]], temperatures: Sequence[float], *,
+               sot_index: int, should_stop: Callable[[], bool]) -> Sequence[DecodedRow]: ...
+
+    def align(self, features: Any, index: int, row: Any, text_tokens: list[int],
+              num_frames: int) -> tuple[list[timing.WordTiming], list[float]]: ...
+
+    def is_out_of_memory(self, error: BaseException) -> bool: ...
+
+    def after_batch(self, out_of_memory: bool = False) -> None: ...
+
+    def close(self) -> None: ...
 
 
 @dataclass
@@ -167,19 +180,22 @@ class _Job:
 class Engine:
     """Shares one model between all jobs; see the module docstring."""
 
-    def __init__(self, model: whisper.model.Whisper, *, batch_size: int | None = None,
+    def __init__(self, backend: Any, *, batch_size: int | None = None,
                  threads: int | None = None, linger: float = 0.25,
                  max_linger: float = 2.0) -> None:
-        self.model = model
-        self.device = next(model.parameters()).device
-        self.cuda = self.device.type == "cuda"
-        self.dtype = torch.float16 if self.cuda else torch.float32
-        self.batch_size = batch_size or (32 if self.cuda else 16)
+        from .torch_backend import as_backend
+
+        self.backend: Backend = as_backend(backend)  # a whisper model runs on the torch backend
+        self.name = self.backend.name
+        self.is_multilingual = self.backend.is_multilingual
+        self.batch_size = batch_size or self.backend.default_batch_size
+        self.max_batch_size = self.batch_size
         self.threads = threads
         # a batch is held open while windows keep arriving (a gap of `linger` s ends the wait,
         # `max_linger` s caps it): small batches cost nearly as much per step as full ones
         self.linger = linger
         self.max_linger = max_linger
+        self._fitted = 0  # batches decoded since the last out-of-memory halving
         self._arrivals = 0  # windows fed so far, all jobs: tells the linger that feeders move
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -187,11 +203,8 @@ class Engine:
         self._rr = 0
         self._worker: threading.Thread | None = None
         self._stopping = False
-        self._multilingual = model.is_multilingual
-        self._tokenizer = get_tokenizer(
-            model.is_multilingual, num_languages=model.num_languages,
-            language="en" if model.is_multilingual else None, task="transcribe")
-        self._decoder = BatchDecoder(model, self._tokenizer, self.dtype)
+        self._multilingual = self.backend.is_multilingual
+        self._tokenizer = self.backend.tokenizer
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -199,7 +212,7 @@ class Engine:
             if self._worker is not None:
                 return
             self._stopping = False
-            warm_up()  # the word-alignment kernel, so that no job pays for loading it
+            self.backend.warm_up()
             self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
             self._worker.start()
 
@@ -234,7 +247,7 @@ class Engine:
         if options.initial_prompt:
             text = " " + options.initial_prompt.strip()
             # whisper keeps at most half the text context for the prompt
-            prompt = self._tokenizer.encode(text)[-(self.model.dims.n_text_ctx // 2 - 1):]
+            prompt = self._tokenizer.encode(text)[-(self.backend.text_ctx // 2 - 1):]
         job = _Job(options, cancel, prompt, max_pending=max(2 * self.batch_size, 4))
         return self._results(job, iter(windows))
 
@@ -295,8 +308,7 @@ class Engine:
 
     # --- the worker side -------------------------------------------------------------------------
     def _run(self) -> None:
-        if self.threads:
-            torch.set_num_threads(self.threads)
+        self.backend.on_worker_thread(self.threads)
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -364,32 +376,46 @@ class Engine:
         return (len(item.job.prompt),)
 
     def _process(self, items: list[_Item]) -> None:
+        out_of_memory = False
         try:
             self._decode(items)
-        except torch.cuda.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            if len(items) == 1:
-                self._fail([items[0].job], JobError(
-                    grpc.StatusCode.RESOURCE_EXHAUSTED,
-                    "out of GPU memory decoding a single window; free GPU memory or use a "
-                    "smaller model"))
-                return
-            with self._cv:
-                self.stats.oom_splits += 1
-            half = len(items) // 2
-            self.batch_size = max(1, min(self.batch_size, half))
-            self._process(items[:half])
-            self._process(items[half:])
         except Exception as e:
-            self._fail({id(i.job): i.job for i in items}.values(),
-                       JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {e}"))
-        finally:
-            if self.cuda:
-                torch.cuda.empty_cache()
+            if self.backend.is_out_of_memory(e):
+                out_of_memory = True
             else:
-                # glibc: hand the batch's freed heap pages back (a 60-min job peaked at
-                # 1176 MB with this, 1229 MB without, one run each); a no-op under jemalloc
-                memory.release_free_memory()
+                self._fail({id(i.job): i.job for i in items}.values(),
+                           JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {e}"))
+        finally:
+            self.backend.after_batch()
+        if not out_of_memory:
+            self._grow_back()
+            return
+        # retried here, after the except block: the failed batch's tensors (held by the
+        # exception's traceback) are freed before the halves run
+        self.backend.after_batch(out_of_memory=True)
+        if len(items) == 1:
+            self._fail([items[0].job], JobError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                "out of GPU memory decoding a single window; free GPU memory or use a "
+                "smaller model"))
+            return
+        with self._cv:
+            self.stats.oom_splits += 1
+            self._fitted = 0
+        half = len(items) // 2
+        self.batch_size = max(1, min(self.batch_size, half))
+        self._process(items[:half])
+        self._process(items[half:])
+
+    def _grow_back(self) -> None:
+        """After an out-of-memory halving, double the batch again once it has gone through
+        GROW_AFTER batches: the memory pressure may have been another process's, or a peak."""
+        if self.batch_size >= self.max_batch_size:
+            return
+        self._fitted += 1
+        if self._fitted >= GROW_AFTER:
+            self._fitted = 0
+            self.batch_size = min(self.max_batch_size, self.batch_size * 2)
 
     def _fail(self, jobs: Iterable[_Job], error: JobError) -> None:
         with self._cv:
@@ -400,7 +426,7 @@ class Engine:
 
     def _initial_tokens(self, job: _Job, language: str) -> list[int]:
         if self._multilingual:
-            tok = get_tokenizer(True, num_languages=self.model.num_languages,
+            tok = get_tokenizer(True, num_languages=self.backend.num_languages,
                                 language=language, task=job.options.task)
         else:
             tok = self._tokenizer
@@ -410,7 +436,7 @@ class Engine:
         return initial
 
     def _decode(self, items: list[_Item]) -> None:
-        bd = self._decoder
+        bd = self.backend
         audio = [it.state.window.samples[it.offset:it.end] for it in items]
         t0 = time.perf_counter()
         features = bd.encode(audio)
@@ -418,21 +444,21 @@ class Engine:
         languages = ["en"] * len(items)
         if self._multilingual:
             unknown = [i for i, it in enumerate(items) if not it.job.options.language]
-            detected = bd.detect_language(features[unknown]) if unknown else []
+            detected = bd.detect_language(features, unknown)
             for i, lang in zip(unknown, detected, strict=True):
                 languages[i] = lang
             for i, it in enumerate(items):
                 languages[i] = it.job.options.language or languages[i]
-        initial = torch.tensor([self._initial_tokens(it.job, lang)
-                                for it, lang in zip(items, languages, strict=True)])
-        sot_index = initial[0].tolist().index(self._tokenizer.sot)
+        initial = [self._initial_tokens(it.job, lang)
+                   for it, lang in zip(items, languages, strict=True)]
+        sot_index = initial[0].index(self._tokenizer.sot)
         temps = [it.job.options.temperatures[it.temp_index] for it in items]
         jobs = [it.job for it in items]
         rows = bd.decode(features, initial, temps, sot_index=sot_index,
                          should_stop=lambda: all(j.dead for j in jobs))
         t2 = time.perf_counter()
         # judge rows (and align words) outside the lock; apply the outcomes under it
-        outcomes = [None if it.job.dead else self._judge(it, row, features[i])
+        outcomes = [None if it.job.dead else self._judge(it, row, features, i)
                     for i, (it, row) in enumerate(zip(items, rows, strict=True))]
         t3 = time.perf_counter()
         with self._cv:
@@ -450,7 +476,7 @@ class Engine:
             self._cv.notify_all()
         metrics.observe_window_batch(t3 - t0, len(items))
 
-    def _judge(self, it: _Item, row: RowResult, features: torch.Tensor) -> _Outcome:
+    def _judge(self, it: _Item, row: DecodedRow, features: Any, index: int) -> _Outcome:
         """Whisper's fallback rule, then the row's segments and whether its tail needs another
         decode."""
         opts = it.job.options
@@ -475,7 +501,7 @@ class Engine:
         if skip:
             return _Outcome()
         temperature = opts.temperatures[it.temp_index]
-        segs, consumed = self._segments(it, row, ratio, temperature, features)
+        segs, consumed = self._segments(it, row, ratio, temperature, features, index)
         window = it.state.window
         tail = it.end - (it.offset + consumed)
         if (consumed > 0 and tail >= MIN_TAIL_SAMPLES
@@ -522,8 +548,8 @@ class Engine:
             it.job.queued -= 1
             self.stats.windows += 1
 
-    def _segments(self, it: _Item, row: RowResult, ratio: float, temperature: float,
-                  features: torch.Tensor) -> tuple[list[SegmentResult], int]:
+    def _segments(self, it: _Item, row: DecodedRow, ratio: float, temperature: float,
+                  features: Any, index: int) -> tuple[list[SegmentResult], int]:
         """Split a row's tokens into segments at timestamp pairs, as whisper's transcribe() does,
         then at the pauses the segmenter found. Returns the segments (absolute times) and how
         many samples of the input they consumed."""
@@ -560,8 +586,8 @@ class Engine:
             p.start = min(p.start, limit)
             p.end = min(max(p.end, p.start), limit)
         pieces = [p for p in pieces if p.tokens]
-        text_lp = [lp for t, lp in zip(tokens, row.token_logprobs, strict=False) if t < tok.eot]
         text_tokens = [t for p in pieces for t in p.tokens]
+        text_lp: list[float] = []
         speech = tuple(getattr(window, "speech", ()) or ())
         if text_tokens:
             span = min(available, N_SAMPLES)
@@ -569,8 +595,8 @@ class Engine:
                 # the decode closed its text with a timestamp: no words after it (aligning over
                 # the rest drags the last words onto audio it never transcribed)
                 span = min(span, (tokens[-1] - tb) * SAMPLES_PER_TOKEN + SAMPLE_RATE)
-            aligned = word_timings(self.model, tok, features, text_tokens,
-                                   max(span // HOP_LENGTH, 2), row.cross(features.dtype))
+            aligned, text_lp = self.backend.align(features, index, row, text_tokens,
+                                                  max(span // HOP_LENGTH, 2))
             silences = pauses(speech)
             if aligned and silences and any(p.start + MIN_PAUSE < ps and pe < p.end - MIN_PAUSE
                                             for p in pieces for ps, pe in silences):
@@ -703,10 +729,3 @@ def uncovered_speech(window: Any, segments: Iterable[SegmentResult]) -> list[tup
         after = min([cs for cs, ce in covered if cs >= hi - COVER_SLACK] + [last])
         out.append((max(lo - RECOVERY_PAD, before, first), min(hi + RECOVERY_PAD, after, last)))
     return out
-
-
-def transcript_text(results: Iterable[WindowResult]) -> str:
-    """The plain text of window results, in order (for tests and tools)."""
-    return " ".join(s.text for r in results for s in r.segments)
-
-

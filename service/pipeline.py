@@ -16,13 +16,13 @@ from typing import Any
 import grpc
 from longscribe.service import formats, metrics
 from longscribe.service.audio import can_stream_while_growing, probe_duration
-from longscribe.service.engine import DecodeOptions, WindowResult
 from longscribe.service.errors import Cancelled, JobError, exhausted
 from longscribe.service.fetch import DownloadHandle, FetchProgress, start_download
 from longscribe.service.ingest import ChunkStream
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.segment import Segmenter, Window
 from longscribe.service.store import JobRow, JobStore, StoredWindow
+from longscribe.service.transcriber import DecodeOptions, WindowResult
 from longscribe.v1 import transcription_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
     stored = ctx.store.load_windows(ctx.row.job_id)
     ctx.set_phase(pb.JOB_STATE_DECODING, percent=base, audio_seconds_total=duration,
                   message="decoding audio")
-    options = decode_options(ctx.row.options, ctx.engine.model.is_multilingual)
+    options = decode_options(ctx.row.options, ctx.engine.is_multilingual)
     segments: list[pb.Segment] = []
     language = options.language or ""
     done_windows = reused = 0

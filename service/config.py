@@ -12,6 +12,7 @@ from pathlib import Path
 
 ENV_PREFIX = "LONGSCRIBE_"
 ALLOCATORS = ("auto", "jemalloc", "system")  # see service/memory.py
+ENGINES = ("auto", "torch", "ct2")  # see service/engines.py
 
 
 def _default_data_dir() -> str:
@@ -31,6 +32,21 @@ class Config:
         },
     )
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
+    engine: str = field(
+        default="auto",
+        metadata={"help": "torch (openai-whisper), ct2 (CTranslate2) or auto (torch on CUDA, "
+                  "ct2 on CPU)", "choices": ENGINES},
+    )
+    compute_type: str = field(
+        default="auto",
+        metadata={"help": "ct2 engine precision: auto (float32 on CPU, float16 on CUDA), int8, "
+                  "int8_float32, int8_float16, float16, float32"},
+    )
+    beam_size: int = field(
+        default=0,
+        metadata={"help": "beam width at temperature 0 (ct2 engine; 0: its default, 5); the "
+                  "torch engine decodes greedily (1)"},
+    )
     batch_size: int = field(
         default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 16 on CPU)"}
     )

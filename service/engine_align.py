@@ -139,12 +139,21 @@ def word_timings(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_to
     weights = median_filter((weights - mean) / (std + 1e-9), 7)
     matrix = weights.mean(dim=0)[len(sot):-1]
     text_idx, time_idx = _dtw(np.ascontiguousarray(-matrix.double().cpu().numpy()))
+    return words_from_path(tok, text_tokens, text_idx, time_idx)
+
+
+def words_from_path(tok: Tokenizer, text_tokens: list[int], text_idx: np.ndarray,
+                    time_idx: np.ndarray) -> list[timing.WordTiming]:
+    """Words and their times (seconds from the row's audio start) from a DTW path over
+    (text token, audio frame), as whisper.timing.find_alignment reads it."""
     words, word_tokens = tok.split_to_word_tokens(text_tokens + [tok.eot])
-    if len(word_tokens) <= 1:
+    if len(word_tokens) <= 1 or len(text_idx) == 0:
         return []
     bounds = np.pad(np.cumsum([len(t) for t in word_tokens[:-1]]), (1, 0))
     jumps = np.pad(np.diff(text_idx), (1, 0), constant_values=1).astype(bool)
     jump_times = time_idx[jumps] / TOKENS_PER_SECOND
+    if len(jump_times) <= bounds[-1]:
+        return []
     starts, ends = jump_times[bounds[:-1]], jump_times[bounds[1:]]
     return [timing.WordTiming(w, t, float(s), float(e), 1.0)
             for w, t, s, e in zip(words[:-1], word_tokens[:-1], starts, ends, strict=True)]

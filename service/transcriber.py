@@ -4,7 +4,8 @@ An engine transcribes windows (at most 30 s of 16 kHz audio cut at silences, wit
 offsets) with decode options and a cancel signal, and yields one `WindowResult` per window, in
 window order, with absolute times. Engines are chosen by name (`ENGINES`); every engine runs
 behind the same scheduler (`engine.Engine`: cross-job batching, fallback, recovery of skipped
-speech, word timings), so only the batch decoder differs between them.
+speech, word timings), so only the batch decoder differs between them (`engines.py` maps the
+names `torch` and `ct2` to them).
 """
 
 from __future__ import annotations
@@ -73,9 +74,6 @@ class Transcriber(Protocol):
     def transcribe(self, windows: Iterable[Any], options: DecodeOptions,
                    cancel: threading.Event) -> Iterator[WindowResult]: ...
 
-
-# --engine names; "auto" picks torch on CUDA and ct2 on CPU (see engines.create)
-ENGINES = ("auto", "torch", "ct2")
 
 
 def transcript_text(results: Iterable[WindowResult]) -> str:

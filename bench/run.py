@@ -1,13 +1,15 @@
-"""`make bench`: openai-whisper's own `transcribe()` against our service end to end, in one run,
-on the same device and the same audio.
+"""`make bench`: openai-whisper's own `transcribe()`, faster-whisper's batched pipeline and our
+service end to end, in one run, on the same device, model and audio.
 
-    python -m bench.run [--minutes N] [--device auto|cpu|cuda] [--no-rss] [--rss-hours H]
-                        [--no-uneven]
+    python -m bench.run [--minutes N] [--device auto|cpu|cuda|cuda:N] [--no-rss] [--rss-hours H]
+                        [--no-uneven] [--no-faster-whisper] [--engine E] [--compute-type T]
+                        [--beam-size N] [--model M]
 
 Audio: the LJSpeech reading from ../shared/testdata tiled to N minutes (default 10 on CPU, 60 on
 GPU; the reading's own 0.4 s sentence pause between repeats), and the reading itself for WER.
 Per side: audio seconds, wall seconds, × real time, WER, peak RSS, peak GPU memory; then
-speedup (service / baseline) and wer_delta (service − baseline, percentage points). With RSS
+speedup (service / baseline), speedup_vs_faster_whisper, and wer_delta (service − baseline,
+percentage points). The engine flags go to the server (and --model to both peers). With RSS
 on, the server's peak RSS is also measured on a 10-minute and a long (default 3-hour) file:
 rss_10min_mb, rss_3h_mb. Then the uneven-loudness mix (bench/mix.py UNEVEN: six LibriSpeech
 utterances twice, every second one 35 dB quieter, 2 s pauses, mp3): WER of `transcribe()` per
@@ -158,6 +160,45 @@ def run_baseline(device: str, long_audio: Path, duration: float) -> dict[str, An
     }
 
 
+# --- the CPU peer: faster-whisper's batched pipeline ---------------------------------------
+
+def run_faster_whisper(device: str, long_audio: Path, duration: float) -> dict[str, Any]:
+    """faster-whisper BatchedInferencePipeline (int8 on CPU, float16 on CUDA, batch 16, beam
+    5: its defaults), warmed up on the reading first, on the same model and audio."""
+    import whisper
+    from faster_whisper import BatchedInferencePipeline, WhisperModel
+    from longscribe.service.models import default_model_dir
+
+    cuda = device.startswith("cuda")
+    model = WhisperModel(MODEL or str(default_model_dir()), device="cuda" if cuda else "cpu",
+                         device_index=int(device.partition(":")[2] or 0),
+                         compute_type="float16" if cuda else "int8",
+                         cpu_threads=os.cpu_count() or 0)
+    pipeline = BatchedInferencePipeline(model)
+
+    def transcribe(audio: Any) -> tuple[str, list[float]]:
+        segments, _ = pipeline.transcribe(audio, batch_size=16, beam_size=5)
+        segments = list(segments)
+        return " ".join(s.text for s in segments), [s.start for s in segments]
+
+    short, _ = transcribe(whisper.load_audio(str(LJ)))
+    audio = whisper.load_audio(str(long_audio))
+    with PeakSampler(os.getpid()) as sampler:
+        started = time.perf_counter()
+        text, starts = transcribe(audio)
+        wall = time.perf_counter() - started
+    return {
+        "audio_seconds": round(duration, 2),
+        "wall_seconds": round(wall, 3),
+        "x_realtime": round(duration / wall, 1),
+        "wer": round(wer(LJ_TEXT.read_text(), short), 4),
+        "peak_rss_mb": round(sampler.peak_rss / 2**20, 1),
+        "peak_gpu_mb": None,
+        "segments": len(starts),
+        **timing_and_accuracy(starts, text, duration),
+    }
+
+
 # --- the service, end to end through gRPC ---------------------------------------------------
 
 def _gpu_peak_from_metrics(port: int) -> float | None:
@@ -288,24 +329,33 @@ def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
     return out
 
 
+SIDES = ("baseline", "faster_whisper", "service")
+
+
 def table(report: dict[str, Any]) -> str:
     rows = [
         "| side | audio s | wall s | × real time | WER (LJ 234 s) | peak RSS MB | peak GPU MB |",
         "|---|---|---|---|---|---|---|",
     ]
-    for side in ("baseline", "service"):
+    for side in SIDES:
+        if side not in report:
+            continue
         r = report[side]
         rows.append(f"| {side} | {r['audio_seconds']} | {r['wall_seconds']} | {r['x_realtime']}"
                     f" | {r['wer'] * 100:.2f} % | {r['peak_rss_mb']} | {r['peak_gpu_mb'] or '–'} |")
     lines = ["\n".join(rows), "",
-             f"speedup (service / baseline): **{report['speedup']}×**; "
+             f"speedup (service / baseline): **{report['speedup']}×**"
+             + (f", service / faster-whisper: **{report['speedup_vs_faster_whisper']}×**"
+                if "speedup_vs_faster_whisper" in report else "") + "; "
              f"WER delta: {report['wer_delta']:+.2f} points; "
              f"device: {report['device']}; server allocator: "
              f"{report['service'].get('allocator', 'unknown')}", "",
              "| side | WER, whole tiled file | sentence starts within 0.5 s | "
              "the same without tiling seams |",
              "|---|---|---|---|"]
-    for side in ("baseline", "service"):
+    for side in SIDES:
+        if side not in report:
+            continue
         r = report[side]
         lines.append(f"| {side} | {r['long_wer'] * 100:.2f} % | {r['timestamp_match'] * 100:.1f} %"
                      f" | {r['timestamp_match_off_seams'] * 100:.1f} % |")
@@ -334,6 +384,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-hours", type=float, default=3.0)
     parser.add_argument("--no-uneven", dest="uneven", action="store_false",
                         help="skip the uneven-loudness mix")
+    parser.add_argument("--no-faster-whisper", dest="faster_whisper", action="store_false",
+                        help="skip faster-whisper (the dev extra installs it)")
     for flag in ("--engine", "--compute-type", "--beam-size", "--model"):
         parser.add_argument(flag, default="", help=f"the server's {flag} (default: its own)")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/latest.json"))
@@ -357,6 +409,10 @@ def main(argv: list[str] | None = None) -> int:
         print(f"audio: {duration:.0f} s on {device}", file=sys.stderr)
         baseline = run_baseline(device, long_audio, duration)
         print(f"baseline: {baseline}", file=sys.stderr)
+        peer = None
+        if args.faster_whisper:
+            peer = run_faster_whisper(device, long_audio, duration)
+            print(f"faster-whisper: {peer}", file=sys.stderr)
         service = run_service(device, long_audio, duration, work)
         print(f"service: {service}", file=sys.stderr)
         report: dict[str, Any] = {
@@ -368,6 +424,10 @@ def main(argv: list[str] | None = None) -> int:
             "server_args": SERVER_ARGS,
             "speedup": round(baseline["wall_seconds"] / service["wall_seconds"], 2),
             "wer_delta": round((service["wer"] - baseline["wer"]) * 100, 2),
+            **({"faster_whisper": peer,
+                "speedup_vs_faster_whisper": round(peer["wall_seconds"]
+                                                   / service["wall_seconds"], 2)}
+               if peer else {}),
             "command": "make bench" + (f" BENCH_ARGS='{' '.join(sys.argv[1:])}'"
                                        if sys.argv[1:] else ""),
         }

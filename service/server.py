@@ -21,6 +21,7 @@ from longscribe.service import config as config_module
 from longscribe.service import memory, metrics
 from longscribe.service.api import TranscriptionServicer
 from longscribe.service.auth import BearerAuthInterceptor, load_tokens
+from longscribe.service.datadir_lock import DataDirBusy, DataDirLock
 from longscribe.service.jobs import JobManager
 from longscribe.service.malformed import MalformedRequestInterceptor
 from longscribe.service.store import JobStore
@@ -43,6 +44,7 @@ class LongscribeServer:
     def __init__(self, config: config_module.Config) -> None:
         self.config = config
         config.data_path.mkdir(parents=True, exist_ok=True)
+        self.lock = DataDirLock(config.data_path)  # before the store: one server per directory
         self.store = JobStore(config.data_path / "jobs.sqlite3")
         self.manager = JobManager(config, self.store)
         self.health = health.HealthServicer(experimental_non_blocking=True)
@@ -75,6 +77,7 @@ class LongscribeServer:
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
         self.port = add_port(self.grpc_server, config.host, config.port, cert=config.tls_cert,
                              key=config.tls_key, client_ca=config.tls_client_ca)
+        self.lock.record(f"{config.host}:{self.port}")
         self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
 
     def _set_health(self, status: int) -> None:
@@ -119,6 +122,7 @@ class LongscribeServer:
         if self._metrics_server is not None:
             metrics.stop_metrics_server(self._metrics_server)
         self.store.close()
+        self.lock.release()
 
 
 def setup_logging(level: str) -> None:
@@ -147,7 +151,11 @@ def serve(config: config_module.Config) -> NoReturn:
     memory.tune_malloc()  # before any worker thread exists
     log.info("memory allocator: %s", memory.allocator_name())
     faulthandler.register(signal.SIGUSR1)  # `kill -USR1 PID` dumps every thread's stack
-    server = LongscribeServer(config)
+    try:
+        server = LongscribeServer(config)
+    except DataDirBusy as exc:
+        log.error("%s", exc)
+        _exit(1)
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())

@@ -44,11 +44,12 @@ exit status:
 SERVER_EXTRA = "the server needs the 'server' extra: pip install 'longscribe[server]'"
 
 
-def exit_code(code: grpc.StatusCode) -> int:
-    """The process exit status for a failure with this gRPC status code."""
+def exit_code(code: grpc.StatusCode, *, job: bool = False) -> int:
+    """The process exit status for a failure with this gRPC status code; `job`: the job ended
+    with it (a media URL the server could not reach is the job's failure, exit 1, not 4)."""
     if code == grpc.StatusCode.CANCELLED:
         return EXIT_CANCELLED
-    if code == grpc.StatusCode.UNAVAILABLE:
+    if code == grpc.StatusCode.UNAVAILABLE and not job:
         return EXIT_UNAVAILABLE
     return EXIT_FAILED
 
@@ -114,6 +115,8 @@ def _transcribe_problem(ns: argparse.Namespace) -> str | None:
         if value not in allowed:
             names = ", ".join(a for a in allowed if a)
             return f"LONGSCRIBE_{env}={value!r} is not one of {names}"
+    if ns.output and not Path(ns.output).expanduser().resolve().parent.is_dir():
+        return f"cannot write {ns.output!r}: its folder does not exist"
     source: str = ns.source
     if ns.server_path or Path(source).is_file():
         return None
@@ -185,7 +188,14 @@ def cmd_list(ns: argparse.Namespace, client: LongscribeClient) -> int:
 
 
 def cmd_get(ns: argparse.Namespace, client: LongscribeClient) -> int:
-    job = client.get(ns.job_id, include_result=ns.result)
+    job = client.get(ns.job_id, include_result=ns.result or bool(ns.format))
+    if ns.format:  # the transcript alone, in that format
+        if not job.HasField("result"):
+            print(f"error: job {job.job_id} has no transcript ({state_name(job.state)})",
+                  file=sys.stderr)
+            return EXIT_FAILED
+        sys.stdout.write(getattr(job.result.formats, ns.format))
+        return EXIT_OK
     print(json_format.MessageToJson(job) if ns.json else job_details(job))
     return EXIT_OK
 
@@ -200,9 +210,9 @@ def cmd_watch(ns: argparse.Namespace, client: LongscribeClient) -> int:
     if terminal is None:  # --from past the job's end: its outcome is in the job itself
         job = client.get(ns.job_id)
         failed = job.HasField("error") and job.state != pb.JOB_STATE_SUCCEEDED
-        return exit_code(status_code(job.error.code)) if failed else EXIT_OK
+        return exit_code(status_code(job.error.code), job=True) if failed else EXIT_OK
     if terminal.HasField("error"):
-        return exit_code(status_code(terminal.error.code))
+        return exit_code(status_code(terminal.error.code), job=True)
     return EXIT_OK
 
 
@@ -392,6 +402,8 @@ def _add_jobs(sub: argparse._SubParsersAction, conn: argparse.ArgumentParser) ->
     p = cmds.add_parser("get", parents=[conn], help="show one job")
     p.add_argument("job_id", metavar="ID")
     p.add_argument("--result", action="store_true", help="include the transcript")
+    p.add_argument("--format", choices=FORMATS,
+                   help="print only the transcript, in this format (txt, srt, vtt, json)")
     p.add_argument("--json", action="store_true", help="the Job in protobuf JSON")
     p.set_defaults(handler=cmd_get)
 
@@ -478,7 +490,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             return ns.handler(ns, client)
     except LongscribeError as err:
         print(f"error: {err.code_name}: {err.message}", file=sys.stderr)
-        return exit_code(err.code)
+        return exit_code(err.code, job=err.job_failed)
     except ValueError as err:  # unreadable TLS files, bad flag combinations
         print(f"error: {err}", file=sys.stderr)
         return EXIT_USAGE

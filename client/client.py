@@ -25,7 +25,21 @@ from .errors import LongscribeError
 
 log = logging.getLogger("longscribe.client")
 
-DEFAULT_TARGET = "127.0.0.1:50051"
+DEFAULT_PORT = 50051
+DEFAULT_TARGET = f"127.0.0.1:{DEFAULT_PORT}"
+
+
+def with_default_port(target: str) -> str:
+    """'host' → 'host:50051' (gRPC would otherwise dial 443); targets with a port or a scheme
+    (unix:, dns:///…) are left as they are."""
+    if "://" in target or target.startswith(("unix:", "dns:", "ipv4:", "ipv6:")):
+        return target
+    if target.startswith("["):  # [v6] or [v6]:port
+        return target if "]:" in target else f"{target}:{DEFAULT_PORT}"
+    colons = target.count(":")
+    if colons == 1:
+        return target
+    return f"[{target}]:{DEFAULT_PORT}" if colons > 1 else f"{target}:{DEFAULT_PORT}"
 SERVICE_NAME = "longscribe.v1.TranscriptionService"
 MiB = 1 << 20
 
@@ -126,7 +140,7 @@ class LongscribeClient:
         reconnect_backoff: float = 0.5,
         max_backoff: float = 10.0,
     ) -> None:
-        self.target = target
+        self.target = with_default_port(target)
         self.timeout = timeout
         self.reconnect_attempts = reconnect_attempts
         self.reconnect_backoff = reconnect_backoff
@@ -160,9 +174,9 @@ class LongscribeClient:
                 private_key=_read_pem(tls_key, "client key"),
                 certificate_chain=_read_pem(tls_cert, "client certificate"),
             )
-            self._channel = grpc.secure_channel(target, creds, options=options)
+            self._channel = grpc.secure_channel(self.target, creds, options=options)
         else:
-            self._channel = grpc.insecure_channel(target, options=options)
+            self._channel = grpc.insecure_channel(self.target, options=options)
         self._stub = pb_grpc.TranscriptionServiceStub(self._channel)
 
     # -- lifecycle -------------------------------------------------------------------------

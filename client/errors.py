@@ -20,11 +20,14 @@ def status_code(number: int) -> grpc.StatusCode:
 class LongscribeError(Exception):
     """An RPC error or a job that ended FAILED/CANCELLED. `code` is a grpc.StatusCode."""
 
-    def __init__(self, code: grpc.StatusCode, message: str, *, job_id: str = "") -> None:
+    def __init__(self, code: grpc.StatusCode, message: str, *, job_id: str = "",
+                 job_failed: bool = False) -> None:
         super().__init__(f"{code.name}: {message}")
         self.code = code
         self.message = message
         self.job_id = job_id
+        # True: the job ran and ended FAILED/CANCELLED (the call itself went through)
+        self.job_failed = job_failed
 
     @property
     def code_name(self) -> str:
@@ -39,7 +42,7 @@ class LongscribeError(Exception):
 
     @classmethod
     def from_event(cls, error: pb.Error, *, job_id: str = "") -> LongscribeError:
-        return cls(status_code(error.code), error.message, job_id=job_id)
+        return cls(status_code(error.code), error.message, job_id=job_id, job_failed=True)
 
     def __repr__(self) -> str:
         return f"LongscribeError({self.code.name}, {self.message!r})"

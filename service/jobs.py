@@ -23,7 +23,7 @@ import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from longscribe.service import memory, metrics
 from longscribe.service.errors import Cancelled, JobError, bounded, exhausted, invalid
-from longscribe.service.pipeline import JobContext, run_pipeline
+from longscribe.service.pipeline import JobContext, check_model_options, run_pipeline
 from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
 
@@ -50,6 +50,15 @@ class Source:
     kind: str  # "url" | "path" | "upload"
     value: str  # URL, path under the media root, or upload file name
     media_path: str = ""  # known already for path and upload sources
+
+
+def _same_request(row: JobRow, source: Source, options: pb.TranscriptionOptions) -> bool:
+    """Whether a request repeats the one that created `row` (an upload is stored under a fresh
+    file name, so uploads compare by kind and options only)."""
+    same_source = row.source_kind == source.kind and (
+        source.kind == "upload" or row.source == source.value)
+    return same_source and row.options.SerializeToString(deterministic=True) == \
+        options.SerializeToString(deterministic=True)
 
 
 def _now_ts(seconds: float | None = None) -> Timestamp:
@@ -188,7 +197,15 @@ class JobManager:
         key = self._request_key(client, request_id)
         with self._lock:
             if request_id and key in self._by_request:
+                earlier = self._jobs[self._by_request[key]].row
+                if not _same_request(earlier, source, options):
+                    raise JobError(grpc.StatusCode.ALREADY_EXISTS, (
+                        f"request_id {request_id[:100]!r} was already used for another request "
+                        f"(job {earlier.job_id}: {earlier.source_kind} {earlier.source[:200]!r});"
+                        " a retry must repeat the request, a new request needs a new id"))
                 return self._to_pb(self._jobs[self._by_request[key]])
+            if self._engine is not None:  # else the job fails with the same error when it runs
+                check_model_options(options, self._engine.is_multilingual)
             self.check_admission(client)
             now = time.time()
             row = JobRow(

@@ -167,7 +167,22 @@ def _transcribe_while_downloading(ctx: JobContext, handle: DownloadHandle, base:
     return segments, language, duration
 
 
+def check_model_options(options: pb.TranscriptionOptions, multilingual: bool) -> None:
+    """What an English-only model cannot do is refused, not silently ignored."""
+    if multilingual:
+        return
+    if options.task == "translate":
+        raise JobError(grpc.StatusCode.INVALID_ARGUMENT,
+                       "task 'translate' needs a multilingual model; this server runs an "
+                       "English-only one")
+    if options.language and options.language.lower() not in ("en", "english"):
+        raise JobError(grpc.StatusCode.INVALID_ARGUMENT,
+                       f"language {options.language[:40]!r}: this server runs an English-only "
+                       "model; leave the language empty or use 'en'")
+
+
 def decode_options(options: pb.TranscriptionOptions, multilingual: bool) -> DecodeOptions:
+    check_model_options(options, multilingual)
     language = options.language or (None if multilingual else "en")
     return DecodeOptions(
         language=language,

@@ -789,7 +789,9 @@ def test_cli_transcribe_reports_a_reconnect_on_stderr(peer, capsys):
 
 @pytest.mark.parametrize(
     ("end", "status"),
-    [("INVALID_ARGUMENT", 1), ("FAILED_PRECONDITION", 1), ("CANCELLED", 3), ("UNAVAILABLE", 4)],
+    # a job that fails UNAVAILABLE (its media URL unreachable) is a failed job, 1; 4 means the
+    # server itself could not be reached
+    [("INVALID_ARGUMENT", 1), ("FAILED_PRECONDITION", 1), ("CANCELLED", 3), ("UNAVAILABLE", 1)],
 )
 def test_cli_exit_status_of_a_job_ending_in_error(peer, capsys, end, status):
     service, target = peer
@@ -799,6 +801,36 @@ def test_cli_exit_status_of_a_job_ending_in_error(peer, capsys, end, status):
     )
     assert code == status
     assert capsys.readouterr().err.strip().endswith(f"error: {end}: the job ended {end}")
+
+
+def test_output_into_a_missing_folder_is_refused_before_any_job(capsys, tmp_path):
+    code = cli.main(["transcribe", "https://example.com/a.mp3", "-o",
+                     str(tmp_path / "no" / "such" / "t.srt"), "--server", "127.0.0.1:1"])
+    assert code == 2
+    assert "its folder does not exist" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("given", "dialled"), [
+    ("example.com", "example.com:50051"), ("example.com:443", "example.com:443"),
+    ("10.0.0.1", "10.0.0.1:50051"), ("::1", "[::1]:50051"), ("[::1]", "[::1]:50051"),
+    ("[::1]:7000", "[::1]:7000"), ("unix:/tmp/s.sock", "unix:/tmp/s.sock"),
+    ("dns:///example.com:9000", "dns:///example.com:9000"),
+])
+def test_server_without_a_port_means_the_default_port(given, dialled):
+    from longscribe.client.client import with_default_port
+
+    assert with_default_port(given) == dialled
+
+
+def test_cli_jobs_get_prints_the_transcript_in_a_format(peer, capsys):
+    service, target = peer
+    assert cli.main(["transcribe", "https://example.com/a.mp3", "--server", target,
+                     "--detach"]) == 0
+    capsys.readouterr()
+    code = cli.main(["jobs", "get", JOB, "--format", "srt", "--server", target])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out == service.events[JOB][-1].result.formats.srt
 
 
 def test_cli_cannot_connect_exits_4(capsys):

@@ -185,6 +185,12 @@ def test_request_id_makes_submit_idempotent(client: LongscribeClient) -> None:
     first = client.submit_path("jfk.flac", request_id="same-request-42")
     again = client.submit_path("jfk.flac", request_id="same-request-42")
     assert first.job_id == again.job_id
+    # the same id for a different request is refused, naming the job it belongs to
+    with pytest.raises(LongscribeError) as err:
+        client.submit_path("jfk.flac", request_id="same-request-42",
+                           options=pb.TranscriptionOptions(initial_prompt="other"))
+    assert err.value.code == grpc.StatusCode.ALREADY_EXISTS
+    assert first.job_id in str(err.value)
     client.wait(first.job_id)
 
 
@@ -240,3 +246,14 @@ def test_mp3_is_transcribed_while_it_downloads(client: LongscribeClient,
     result = events[-1].result
     assert wer(lj_text(), result.text) <= 0.08
     assert abs(result.duration_seconds - 234.1) < 1.0
+
+
+@pytest.mark.parametrize("options", [pb.TranscriptionOptions(language="fr"),
+                                     pb.TranscriptionOptions(task="translate")])
+def test_english_only_model_refuses_other_languages(client: LongscribeClient,
+                                                    options: pb.TranscriptionOptions) -> None:
+    client.wait_until_ready(120)
+    with pytest.raises(LongscribeError) as err:
+        client.submit_path("jfk.flac", options=options)
+    assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "English-only" in str(err.value)

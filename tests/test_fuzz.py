@@ -49,6 +49,7 @@ ALLOWED = frozenset({
     grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.FAILED_PRECONDITION,
     grpc.StatusCode.RESOURCE_EXHAUSTED, grpc.StatusCode.UNAUTHENTICATED,
     grpc.StatusCode.DEADLINE_EXCEEDED,  # only from our own short deadlines
+    grpc.StatusCode.ALREADY_EXISTS,  # a request_id reused for a different request
 })
 # A job may also end with these (a fetch that cannot reach the internet, a cancel).
 JOB_ERRORS = frozenset(c.name for c in ALLOWED) | {"UNAVAILABLE", "CANCELLED", "DATA_LOSS"}
@@ -115,7 +116,8 @@ class Fuzzer:
         """A fuzzed call created (or returned) a job: check it, cancel it, wait for its end."""
         assert job.job_id
         if request_id:
-            # Idempotency: one request_id, one job, whatever else the later calls carried.
+            # Idempotency: one request_id, one job (a different request under the same id is
+            # refused with ALREADY_EXISTS).
             assert self.by_request.setdefault(request_id, job.job_id) == job.job_id
             assert job.request_id == request_id
         self.created.add(job.job_id)

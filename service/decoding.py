@@ -24,12 +24,20 @@ from whisper.tokenizer import Tokenizer
 TIME_PRECISION = 0.02  # seconds per timestamp token (30 s / 1500)
 SAMPLES_PER_TOKEN = 320  # 0.02 s at 16 kHz
 ENCODE_SLICE_CPU = 4  # windows per encoder pass on CPU (bounds its activations)
-ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has bf16 units)
+ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has AMX)
 
 
 def cpu_has_bf16() -> bool:
-    """bf16 only pays where the CPU has matrix units for it (AMX). With AVX512-BF16 alone the
-    bf16 encoder ran 1.5x slower than fp32 (0.27 vs 0.18 s per window), so fp32 it is."""
+    """bf16 only pays where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere torch
+    emulates it and the "fast" path is slower than fp32."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
+def cpu_has_amx() -> bool:
+    """The compute-bound encoder gains from bf16 only with matrix units: with AVX512-BF16
+    alone it ran 1.5x slower than fp32 (0.27 vs 0.18 s per window)."""
     cpu = getattr(torch, "cpu", None)
     return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
@@ -155,11 +163,10 @@ class BatchDecoder:
                        if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16()
                        else None)
         # The cross-attention keys and values of a CPU batch (hundreds of MB at fp32, read in
-        # full at every step) in bf16 where the encoder already runs in bf16: half the memory
-        # and the bandwidth; the softmax over the scores stays fp32. On the LJSpeech tiles:
-        # WER 5.66 → 5.72 %, decode ~15 % faster (bench/engine_speed.py --tile 3).
-        self.cross_dtype = (torch.bfloat16 if self.emb_lp is not None and ENCODER_BF16
-                            else dtype)
+        # full at every step) in bf16: half the memory and the bandwidth; the softmax over the
+        # scores stays fp32.
+        self.cross_dtype = torch.bfloat16 if self.emb_lp is not None else dtype
+        self.encoder_bf16 = self.emb_lp is not None and ENCODER_BF16 and cpu_has_amx()
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
@@ -202,7 +209,7 @@ class BatchDecoder:
             batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
         x = torch.from_numpy(batch).to(self.device)
         mel = log_mel_batch(x, self.model.dims.n_mels).to(self.dtype)
-        if self.emb_lp is not None and ENCODER_BF16:
+        if self.encoder_bf16:
             # CPU: the encoder's matmuls in bf16 (~30 % faster where the CPU has bf16 units),
             # layer norms, softmax and the residual stream stay fp32
             with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -98,7 +98,11 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
 
     def _submit(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
         _validate_request_id(request.request_id)
-        existing = self.manager.existing_for_request(request.request_id, self._client(context))
+        which = request.WhichOneof("source")
+        asked = Source("url" if which == "url" else "path",
+                       request.url if which == "url" else request.server_path)
+        existing = self.manager.existing_for_request(request.request_id, self._client(context),
+                                                     asked, request.options)
         if existing is not None:
             return existing
         validate_options(request.options)
@@ -118,7 +122,9 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
                 raise invalid("the first UploadRequest must carry metadata (filename, options)")
             meta = first.metadata
             _validate_request_id(meta.request_id)
-            existing = self.manager.existing_for_request(meta.request_id, self._client(context))
+            existing = self.manager.existing_for_request(
+                meta.request_id, self._client(context), Source("upload", meta.filename),
+                meta.options)
             if existing is not None:
                 return existing
             validate_options(meta.options)

@@ -96,7 +96,8 @@ class CT2Backend:
     def on_worker_thread(self, threads: int | None) -> None:
         pass  # CTranslate2 has its own thread pool (intra_threads)
 
-    def encode(self, audio: Sequence[np.ndarray]) -> ctranslate2.StorageView:
+    def encode(self, audio: Sequence[np.ndarray],
+               progress: Callable[[float], None] | None = None) -> ctranslate2.StorageView:
         batch = np.zeros((len(audio), N_SAMPLES), dtype=np.float32)
         for i, a in enumerate(audio):
             batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]

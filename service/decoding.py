@@ -189,8 +189,10 @@ class BatchDecoder:
 
     # --- encoder -----------------------------------------------------------------------------
     @torch.inference_mode()
-    def encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
-        """Windows (each ≤ 30 s of 16 kHz float32) → audio features (B, 1500, d)."""
+    def encode(self, audio: Sequence[np.ndarray],
+               progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        """Windows (each ≤ 30 s of 16 kHz float32) → audio features (B, 1500, d).
+        `progress(fraction)` after each slice."""
         # On CPU the encoder runs a few windows at a time: its matmuls are already large enough
         # at that size, and its activations (hundreds of MB for a whole batch) stay small.
         step = len(audio) if self.device.type == "cuda" else ENCODE_SLICE_CPU
@@ -200,6 +202,8 @@ class BatchDecoder:
             if out is None:
                 out = part.new_empty((len(audio), *part.shape[1:]))
             out[start:start + len(part)] = part
+            if progress is not None:
+                progress((start + len(part)) / len(audio))
         assert out is not None, "encode() needs at least one window"
         return out
 

@@ -37,6 +37,7 @@ from .engine_align import (
     split_at_pauses,
 )
 from .errors import Cancelled, JobError
+from .segment import warm_up as warm_up_segmenter
 from .transcriber import (
     DecodeOptions,
     SegmentResult,
@@ -55,6 +56,7 @@ MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another
 MIN_UNCOVERED = int(0.4 * SAMPLE_RATE)
 COVER_SLACK = int(0.15 * SAMPLE_RATE)  # word-bounded segments are this loose
 RECOVERY_PAD = int(0.3 * SAMPLE_RATE)
+PROGRESS_EVERY = 1.0  # seconds between in-batch progress estimates per job
 GROW_AFTER = 8  # batches that fit before an out-of-memory-halved batch size doubles again
 
 
@@ -85,7 +87,8 @@ class Backend(Protocol):
 
     def on_worker_thread(self, threads: int | None) -> None: ...
 
-    def encode(self, audio: Sequence[np.ndarray]) -> Any: ...
+    def encode(self, audio: Sequence[np.ndarray],
+               progress: Callable[[float], None] | None = None) -> Any: ...
 
     def detect_language(self, features: Any, rows: list[int]) -> list[str]: ...
 
@@ -171,6 +174,10 @@ class _Job:
     feed_done: bool = False
     closed: bool = False
     error: BaseException | None = None
+    # called from the worker while a batch holding this job's windows runs, with an estimate
+    # of how far (absolute seconds) the job has got: a batch can take many seconds on a CPU
+    on_progress: Callable[[float], None] | None = None
+    reported_at: float = 0.0
 
     @property
     def dead(self) -> bool:
@@ -213,6 +220,7 @@ class Engine:
                 return
             self._stopping = False
             self.backend.warm_up()
+            warm_up_segmenter()
             self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
             self._worker.start()
 
@@ -234,8 +242,11 @@ class Engine:
 
     # --- the job side ----------------------------------------------------------------------------
     def transcribe(self, windows: Iterable[Any], options: DecodeOptions,
-                   cancel: threading.Event) -> Iterator[WindowResult]:
-        """Window results in window order. Raises errors.Cancelled soon after `cancel` is set."""
+                   cancel: threading.Event, *,
+                   progress: Callable[[float], None] | None = None) -> Iterator[WindowResult]:
+        """Window results in window order. Raises errors.Cancelled soon after `cancel` is set.
+        `progress(seconds)`: while a batch runs, about every PROGRESS_EVERY s, an estimate of
+        the audio position the job has reached (from the worker thread)."""
         if not self.running:
             raise JobError(grpc.StatusCode.UNAVAILABLE, "the transcription engine is not running")
         if not options.temperatures:
@@ -248,7 +259,8 @@ class Engine:
             text = " " + options.initial_prompt.strip()
             # whisper keeps at most half the text context for the prompt
             prompt = self._tokenizer.encode(text)[-(self.backend.text_ctx // 2 - 1):]
-        job = _Job(options, cancel, prompt, max_pending=max(2 * self.batch_size, 4))
+        job = _Job(options, cancel, prompt, max_pending=max(2 * self.batch_size, 4),
+                   on_progress=progress)
         return self._results(job, iter(windows))
 
     def _results(self, job: _Job, windows: Iterator[Any]) -> Iterator[WindowResult]:
@@ -438,9 +450,12 @@ class Engine:
     def _decode(self, items: list[_Item]) -> None:
         bd = self.backend
         audio = [it.state.window.samples[it.offset:it.end] for it in items]
+        report = self._progress_reporter(items)
+        report(0.0)
         t0 = time.perf_counter()
-        features = bd.encode(audio)
+        features = bd.encode(audio, lambda fraction: report(0.3 * fraction))
         t1 = time.perf_counter()
+        report(0.3)
         languages = ["en"] * len(items)
         if self._multilingual:
             unknown = [i for i, it in enumerate(items) if not it.job.options.language]
@@ -454,8 +469,15 @@ class Engine:
         sot_index = initial[0].index(self._tokenizer.sot)
         temps = [it.job.options.temperatures[it.temp_index] for it in items]
         jobs = [it.job for it in items]
-        rows = bd.decode(features, initial, temps, sot_index=sot_index,
-                         should_stop=lambda: all(j.dead for j in jobs))
+        checks = 0
+
+        def should_stop() -> bool:  # called every few decode steps
+            nonlocal checks
+            checks += 1
+            report(min(0.9, 0.3 + 0.6 * checks / 20))  # most rows end within ~160 steps
+            return all(j.dead for j in jobs)
+
+        rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop)
         t2 = time.perf_counter()
         # judge rows (and align words) outside the lock; apply the outcomes under it
         outcomes = [None if it.job.dead else self._judge(it, row, features, i)
@@ -475,6 +497,27 @@ class Engine:
                     self._apply(it, outcome)
             self._cv.notify_all()
         metrics.observe_window_batch(t3 - t0, len(items))
+
+    def _progress_reporter(self, items: list[_Item]) -> Callable[[float], None]:
+        """fraction of the batch done (an estimate) → each job's on_progress with the position
+        that fraction of its in-flight windows reaches."""
+        spans: dict[int, tuple[_Job, float, float]] = {}
+        for it in items:
+            w = it.state.window
+            lo = (w.start_sample + it.offset) / SAMPLE_RATE
+            hi = (w.start_sample + it.end) / SAMPLE_RATE
+            job, a, b = spans.get(id(it.job), (it.job, lo, hi))
+            spans[id(it.job)] = (job, min(a, lo), max(b, hi))
+
+        def report(fraction: float) -> None:
+            now = time.monotonic()
+            for job, lo, hi in spans.values():
+                if job.on_progress is None or job.dead or now - job.reported_at < PROGRESS_EVERY:
+                    continue
+                job.reported_at = now
+                job.on_progress(lo + fraction * (hi - lo))
+
+        return report
 
     def _judge(self, it: _Item, row: DecodedRow, features: Any, index: int) -> _Outcome:
         """Whisper's fallback rule, then the row's segments and whether its tail needs another

@@ -43,6 +43,7 @@ class _Job:
     subscribers: list[queue.Queue[Any]] = field(default_factory=list)
     last_progress_at: float = 0.0
     max_percent: float = 0.0
+    phase_floor: int = 0  # the furthest phase of this run: phases only move forward
 
 
 @dataclass(frozen=True)
@@ -168,11 +169,22 @@ class JobManager:
         # request_ids are the client's own namespace: another client's id never matches.
         return f"{client}\n{request_id}"
 
-    def existing_for_request(self, request_id: str, client: str) -> pb.Job | None:
+    def existing_for_request(self, request_id: str, client: str, source: Source,
+                             options: pb.TranscriptionOptions) -> pb.Job | None:
+        """The job this request_id made before (a retry), or None; ALREADY_EXISTS when the id
+        was used for a different request."""
         with self._lock:
             key = self._request_key(client, request_id)
             job_id = self._by_request.get(key) if request_id else None
-            return self._to_pb(self._jobs[job_id]) if job_id else None
+            if not job_id:
+                return None
+            earlier = self._jobs[job_id].row
+            if not _same_request(earlier, source, options):
+                raise JobError(grpc.StatusCode.ALREADY_EXISTS, (
+                    f"request_id {request_id[:100]!r} was already used for another request "
+                    f"(job {earlier.job_id}: {earlier.source_kind} {earlier.source[:200]!r}); "
+                    "a retry must repeat the request, a new request needs a new id"))
+            return self._to_pb(self._jobs[job_id])
 
     def check_admission(self, client: str) -> None:
         """Refuse new work over the configured queue limits (RESOURCE_EXHAUSTED)."""
@@ -196,13 +208,7 @@ class JobManager:
                client: str = "", job_id: str | None = None) -> pb.Job:
         key = self._request_key(client, request_id)
         with self._lock:
-            if request_id and key in self._by_request:
-                earlier = self._jobs[self._by_request[key]].row
-                if not _same_request(earlier, source, options):
-                    raise JobError(grpc.StatusCode.ALREADY_EXISTS, (
-                        f"request_id {request_id[:100]!r} was already used for another request "
-                        f"(job {earlier.job_id}: {earlier.source_kind} {earlier.source[:200]!r});"
-                        " a retry must repeat the request, a new request needs a new id"))
+            if request_id and key in self._by_request:  # a retry that raced the first call
                 return self._to_pb(self._jobs[self._by_request[key]])
             if self._engine is not None:  # else the job fails with the same error when it runs
                 check_model_options(options, self._engine.is_multilingual)
@@ -340,6 +346,7 @@ class JobManager:
     def _run(self, job: _Job) -> None:
         job_id = job.row.job_id
         started = time.monotonic()
+        job.phase_floor = 0  # a resumed job walks its phases again
         ctx = JobContext(
             row=job.row,
             config=self.config,
@@ -407,6 +414,9 @@ class JobManager:
         with self._lock:
             if job.row.state in TERMINAL_STATES:
                 return
+            # a download thread may report a phase the pipeline has moved past: never go back
+            phase = max(phase, job.phase_floor)
+            job.phase_floor = phase
             now = time.monotonic()
             changed = phase != job.row.state
             if not (force or changed) and now - job.last_progress_at < PROGRESS_INTERVAL_S:

@@ -22,7 +22,7 @@ from longscribe.service.ingest import ChunkStream
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.segment import Segmenter, Window
 from longscribe.service.store import JobRow, JobStore, StoredWindow
-from longscribe.service.transcriber import DecodeOptions, WindowResult
+from longscribe.service.transcriber import SAMPLE_RATE, DecodeOptions, WindowResult
 from longscribe.v1 import transcription_pb2 as pb
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ class JobContext:
     progress: Callable[..., None]  # progress within a phase (rate-limited)
     window_done: Callable[[StoredWindow], None]  # stores a window and its segment events
     update: Callable[..., None]  # durable job fields (media_path, duration, chunk counts)
+    download_fraction: float = 0.0  # share of a URL's bytes downloaded so far
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
@@ -105,6 +106,7 @@ def _obtain_media(ctx: JobContext) -> tuple[Path, DownloadHandle | None]:
     def on_progress(p: FetchProgress) -> None:
         # While decoding runs on the growing file, download progress belongs to that phase.
         phase = row.state if row.state in _STREAMING_PHASES else pb.JOB_STATE_DOWNLOADING
+        ctx.download_fraction = p.fraction or 0.0
         ctx.progress(phase, percent=DOWNLOAD_SHARE * (p.fraction or 0.0),
                      bytes_done=p.downloaded_bytes, bytes_total=p.total_bytes or 0,
                      bytes_per_second=p.speed or 0.0, eta_seconds=p.eta or 0.0)
@@ -205,12 +207,43 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
     started = time.monotonic()
     transcribing = False
 
+    reached = 0.0  # audio position of the last progress event
+
+    def report(position: float, windows_done: int) -> None:
+        """A progress event at this audio position (a finished window's end, or the engine's
+        estimate inside a running batch); also called from the engine's worker thread."""
+        nonlocal reached
+        reached = max(reached, position)
+        total = duration or (handle_total() if growing is not None else 0.0)
+        done = min(reached, total) if total else reached
+        elapsed = max(time.monotonic() - started, 1e-6)
+        rtf = done / elapsed
+        metrics.set_realtime_factor(rtf)
+        ctx.progress(
+            pb.JOB_STATE_TRANSCRIBING,
+            percent=base + ((99.0 - base) * done / total if total else 0.0),
+            audio_seconds_done=done,
+            audio_seconds_total=total,
+            chunk_index=windows_done,
+            realtime_factor=rtf,
+            eta_seconds=max(total - done, 0.0) / rtf if rtf > 0 and total else 0.0,
+        )
+
+    def handle_total() -> float:
+        # decoding while downloading: probed once the download is complete, estimated before
+        return ctx.row.duration or total_from_download()
+
     # ChunkStream decodes ahead of the engine through one bounded queue: memory stays flat
     # whatever the media length, and a slow engine throttles ffmpeg.
     with ChunkStream(media, job_id=ctx.row.job_id, work_dir=ctx.tmp_dir, cancel=ctx.cancel,
                      growing=growing, received_source="download" if base else None) as stream:
         windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
-        for done, was_stored in _merge_stored(windows, stored, ctx, options):
+        total_from_download = _length_estimate(ctx, stream)
+
+        def in_batch(position: float) -> None:
+            report(position, done_windows)
+
+        for done, was_stored in _merge_stored(windows, stored, ctx, options, in_batch):
             if not transcribing:
                 transcribing = True
                 ctx.set_phase(pb.JOB_STATE_TRANSCRIBING, percent=base,
@@ -227,23 +260,9 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
             else:
                 ctx.window_done(StoredWindow(done.index, done.start, done.end, window_segments))
             language = language or done.language
-            result_end = done.end
             done_windows += 1
             ctx.update(chunks_done=done_windows, chunks_reused=reused)
-            done = min(result_end, duration) if duration else result_end
-            elapsed = max(time.monotonic() - started, 1e-6)
-            rtf = done / elapsed
-            metrics.set_realtime_factor(rtf)
-            span = 99.0 - base
-            ctx.progress(
-                pb.JOB_STATE_TRANSCRIBING,
-                percent=base + (span * done / duration if duration else 0.0),
-                audio_seconds_done=done,
-                audio_seconds_total=duration,
-                chunk_index=done_windows,
-                realtime_factor=rtf,
-                eta_seconds=max(duration - done, 0.0) / rtf if rtf > 0 else 0.0,
-            )
+            report(done.end, done_windows)
     ctx.update(chunks_total=done_windows)
     if reused:
         log.info("job %s reused %d stored windows", ctx.row.job_id, reused)
@@ -259,8 +278,20 @@ class _DoneWindow:
     language: str = ""
 
 
+def _length_estimate(ctx: JobContext, stream: ChunkStream) -> Callable[[], float]:
+    """The media length while it is still downloading: audio decoded so far over the share of
+    the file downloaded (0 while that share is unknown or small)."""
+    def estimate() -> float:
+        fraction = ctx.download_fraction
+        if fraction < 0.05:
+            return 0.0
+        return stream.samples_decoded / SAMPLE_RATE / fraction
+    return estimate
+
+
 def _merge_stored(windows: Iterator[Window], stored: dict[int, StoredWindow], ctx: JobContext,
-                  options: DecodeOptions) -> Iterator[tuple[_DoneWindow, bool]]:
+                  options: DecodeOptions, progress: Callable[[float], None] | None = None,
+                  ) -> Iterator[tuple[_DoneWindow, bool]]:
     """Finished windows in window order, and whether each came from the store. A stored window
     is reused only when the new cut has the same bounds, so a changed segmenter (a new version
     after a restart) decodes again instead of leaving gaps or overlaps."""
@@ -284,7 +315,7 @@ def _merge_stored(windows: Iterator[Window], stored: dict[int, StoredWindow], ct
             ready = sorted(i for i in reusable if index is None or i < index)
             return [reusable.pop(i) for i in ready]
 
-    for result in ctx.engine.transcribe(route(), options, ctx.cancel):
+    for result in ctx.engine.transcribe(route(), options, ctx.cancel, progress=progress):
         for old in reused_before(result.index):
             yield _DoneWindow(old.index, old.start, old.end, old.segments), True
         with lock:

@@ -128,6 +128,15 @@ class SileroScorer:
             return torch.sigmoid(logits).squeeze(1).numpy().astype(np.float32)
 
 
+def warm_up() -> None:
+    """silero-vad is TorchScript: its first calls run the profiling executor (slow); run them
+    before the first job does."""
+    scorer = SileroScorer()
+    noise = np.random.default_rng(0).standard_normal((BLOCK, FRAME)).astype(np.float32)
+    for _ in range(3):
+        scorer.score(0.01 * noise)
+
+
 class LevelNormalizer:
     """Gain before the speech detector, so that a quiet speaker after a loud one is still seen.
 

@@ -38,7 +38,16 @@ class TorchBackend:
         return f"openai-whisper on {self.device} ({str(self.dtype).removeprefix('torch.')})"
 
     def warm_up(self) -> None:
-        warm_up()  # the word-alignment kernel, so that no job pays for loading it
+        """Before SERVING: the first job should be as fast as the second. One small batch
+        through the encoder and the decode loop builds the kernels' primitives for these
+        shapes; the word-alignment kernel is compiled or loaded."""
+        warm_up()
+        tok = self.tokenizer
+        rng = np.random.default_rng(0)
+        audio = [(0.01 * rng.standard_normal(30 * 16000)).astype(np.float32)] * 2
+        features = self.encode(audio)
+        self.decoder.decode(features, torch.tensor([list(tok.sot_sequence)] * 2), [0.0, 0.0],
+                            sot_index=0, should_stop=lambda: False)
 
     def on_worker_thread(self, threads: int | None) -> None:
         if self.cuda and self.device.index is not None:
@@ -46,8 +55,9 @@ class TorchBackend:
         if threads:
             torch.set_num_threads(threads)
 
-    def encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
-        features = self.decoder.encode(audio)
+    def encode(self, audio: Sequence[np.ndarray],
+               progress: Callable[[float], None] | None = None) -> torch.Tensor:
+        features = self.decoder.encode(audio, progress)
         if self.cuda:
             torch.cuda.synchronize(self.device)  # so that encode time is the encoder's
         return features

@@ -243,9 +243,35 @@ def test_mp3_is_transcribed_while_it_downloads(client: LongscribeClient,
     download_done = next(e.index for e in events
                          if e.HasField("progress") and e.progress.bytes_done == size)
     assert first_segment < download_done, "no segment arrived before the download ended"
+    progress = [e.progress for e in events if e.HasField("progress")]
+    # the phase only moves forward, and the percent moves past the download's share while
+    # the audio is transcribed as it arrives (the length is estimated from the bytes)
+    phases = [p.phase for p in progress]
+    assert phases == sorted(phases), [pb.JobState.Name(p) for p in phases]
+    before_done = [p.percent for p in progress[:[p.bytes_done for p in progress].index(size)]]
+    assert max(before_done) > 40, before_done
     result = events[-1].result
     assert wer(lj_text(), result.text) <= 0.08
     assert abs(result.duration_seconds - 234.1) < 1.0
+
+
+def test_progress_moves_during_a_long_batch(client: LongscribeClient) -> None:
+    """The whole 234 s reading is one CPU batch of windows: percent, position and ETA still
+    move at least every ~2 s while it decodes, and phases never go back."""
+    job = client.upload(LJ)
+    seen: list[tuple[float, pb.Progress]] = []
+    for event in client.watch(job.job_id):
+        if event.HasField("progress"):
+            seen.append((time.monotonic(), event.progress))
+    phases = [p.phase for _, p in seen]
+    assert phases == sorted(phases), [pb.JobState.Name(p) for p in phases]
+    moving = [(t, p.percent) for t, p in seen if p.phase == pb.JOB_STATE_TRANSCRIBING]
+    rises = [moving[0][0]] + [b[0] for a, b in zip(moving, moving[1:], strict=False)
+                              if b[1] > a[1]]
+    assert len(rises) >= 4, moving
+    gaps = [b - a for a, b in zip(rises, rises[1:], strict=False)]
+    assert max(gaps) <= 2.5, gaps
+    assert sum(p.eta_seconds > 0 for _, p in seen if p.phase == pb.JOB_STATE_TRANSCRIBING) >= 3
 
 
 @pytest.mark.parametrize("options", [pb.TranscriptionOptions(language="fr"),

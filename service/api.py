@@ -36,6 +36,11 @@ def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
         yield
     except JobError as exc:
         context.abort(exc.code, bounded(exc.message))
+    except grpc.RpcError:
+        # reading a client stream failed in gRPC itself (the client cancelled, or a message over
+        # the receive limit): the call already has its status; not a server error
+        log.info("client stream ended by gRPC", exc_info=False)
+        raise
     except Exception as exc:
         if context.code() not in (None, grpc.StatusCode.OK):
             raise  # context.abort ran below us (e.g. a malformed upload message): keep its status

@@ -30,6 +30,7 @@ import grpc
 import psutil
 import pytest
 from longscribe.client.client import LongscribeClient
+from longscribe.client.errors import LongscribeError
 from longscribe.service.store import JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
@@ -319,7 +320,11 @@ def crash(tmp_path_factory: pytest.TempPathFactory, media: Path, clean_run: Clea
         with LongscribeClient(server.target, timeout=30) as client:
             # Retries with the same request_id, as a client whose first call broke would send.
             retried = [client.upload(media / "long.mp3", request_id=request_id).job_id,
-                       client.submit_path("jfk.flac", request_id=request_id).job_id]
+                       client.upload(media / "long.mp3", request_id=request_id).job_id]
+            # the same id for another request is refused, not answered with this job
+            with pytest.raises(LongscribeError) as reused:
+                client.submit_path("jfk.flac", request_id=request_id)
+            assert reused.value.code == grpc.StatusCode.ALREADY_EXISTS
             listed = [j.job_id for j in client.list()]
             resumed = _wait_job(
                 client, job_id,
@@ -344,7 +349,7 @@ def crash(tmp_path_factory: pytest.TempPathFactory, media: Path, clean_run: Clea
             result = client.wait(job_id)
             job = client.get(job_id)
             events = list(client.watch(job_id))
-            again = client.submit_path("jfk.flac", request_id=request_id)
+            again = client.upload(media / "long.mp3", request_id=request_id)
     finally:
         assert server.stop() == 0, server.log()[-3000:]
     return CrashRun(

@@ -407,10 +407,17 @@ def test_fuzz_list_jobs(fuzzer: Fuzzer, page_size: int, page_token: str, states:
 @budgeted
 def test_fuzz_options_on_real_jobs(fuzzer: Fuzzer, language: str, task: str, prompt: str) -> None:
     """Options the server accepts must not break the job later: it succeeds or fails with a
-    documented status, never INTERNAL."""
+    documented status, never INTERNAL. What the English-only model cannot do (another
+    language, translation) is refused at once with INVALID_ARGUMENT."""
     options = pb.TranscriptionOptions(language=language, task=task, initial_prompt=prompt)
-    job = fuzzer.stub.SubmitJob(pb.SubmitJobRequest(server_path="jfk.flac", options=options),
-                                metadata=GOOD, timeout=CALL_TIMEOUT)
+    english_only_cannot = task == "translate" or language.lower() not in ("", "en", "english")
+    try:
+        job = fuzzer.stub.SubmitJob(pb.SubmitJobRequest(server_path="jfk.flac", options=options),
+                                    metadata=GOOD, timeout=CALL_TIMEOUT)
+    except grpc.RpcError as err:
+        assert english_only_cannot and err.code() == grpc.StatusCode.INVALID_ARGUMENT, err
+        return
+    assert not english_only_cannot, f"{options} accepted by an English-only model"
     events = list(fuzzer.stub.WatchJob(pb.WatchJobRequest(job_id=job.job_id), metadata=GOOD,
                                        timeout=120))
     last = events[-1]

@@ -3,6 +3,10 @@ act on. Every layer raises JobError; only the API layer turns it into an RPC sta
 
 from __future__ import annotations
 
+import os
+import re
+from collections.abc import Iterable
+
 import grpc
 
 
@@ -34,6 +38,19 @@ def exhausted(message: str) -> JobError:
 
 
 MAX_MESSAGE_CHARS = 1000
+
+
+def redact_paths(message: str, roots: Iterable[str | os.PathLike[str]]) -> str:
+    """The message with every path under one of the server's folders (data dir, media root)
+    cut to its last part: clients learn which file, not the server's layout."""
+    for root in roots:
+        text = str(root).rstrip("/")
+        if not text or text == ".":
+            continue
+        for prefix in {text, os.path.realpath(text)}:
+            message = re.sub(re.escape(prefix) + r"/(?:[^\s'\"]*/)?([^\s/'\"]*)", r"\1",
+                             message)
+    return message
 
 
 def bounded(message: str) -> str:

@@ -22,7 +22,14 @@ from typing import Any
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
 from longscribe.service import memory, metrics
-from longscribe.service.errors import Cancelled, JobError, bounded, exhausted, invalid
+from longscribe.service.errors import (
+    Cancelled,
+    JobError,
+    bounded,
+    exhausted,
+    invalid,
+    redact_paths,
+)
 from longscribe.service.pipeline import JobContext, check_model_options, run_pipeline
 from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
@@ -452,6 +459,9 @@ class JobManager:
             fields: dict[str, Any] = {"state": state, "finished": now, "updated": now}
             if error is not None:
                 job.row.error_code = error.code.value[0]
+                job.row.error_message = error.message
+                error = JobError(error.code, redact_paths(
+                    error.message, (self.config.data_dir, self.config.media_root)))
                 job.row.error_message = error.message
                 fields.update(error_code=job.row.error_code, error_message=error.message)
             if result is not None:

@@ -45,6 +45,7 @@ class JobContext:
     window_done: Callable[[StoredWindow], None]  # stores a window and its segment events
     update: Callable[..., None]  # durable job fields (media_path, duration, chunk counts)
     download_fraction: float = 0.0  # share of a URL's bytes downloaded so far
+    decoded_seconds: float = 0.0  # audio ffmpeg actually decoded
 
     def check_cancelled(self) -> None:
         if self.cancel.is_set():
@@ -60,6 +61,12 @@ def run_pipeline(ctx: JobContext) -> pb.Result:
         segments, language = _transcribe(ctx, media, duration, base)
     else:
         segments, language, duration = _transcribe_while_downloading(ctx, handle, base)
+    if 0 < ctx.decoded_seconds < duration - 0.5:
+        # a truncated file: its header promises more than ffmpeg could decode
+        log.warning("job %s: the media header says %.1f s, %.1f s decoded", ctx.row.job_id,
+                    duration, ctx.decoded_seconds)
+        duration = ctx.decoded_seconds
+        ctx.update(duration=duration)
     ctx.set_phase(pb.JOB_STATE_FINALIZING, percent=99.0, audio_seconds_done=duration,
                   audio_seconds_total=duration, message="rendering formats")
     # Segment texts may or may not carry whisper's leading space: join on words, not bytes.
@@ -263,6 +270,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
             done_windows += 1
             ctx.update(chunks_done=done_windows, chunks_reused=reused)
             report(done.end, done_windows)
+        ctx.decoded_seconds = stream.samples_decoded / SAMPLE_RATE
     ctx.update(chunks_total=done_windows)
     if reused:
         log.info("job %s reused %d stored windows", ctx.row.job_id, reused)

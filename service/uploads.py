@@ -14,6 +14,7 @@ from __future__ import annotations
 import contextlib
 import re
 import shutil
+import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from types import TracebackType
 from typing import BinaryIO
@@ -21,21 +22,22 @@ from typing import BinaryIO
 import grpc
 from longscribe.service.errors import JobError
 
-_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
-_MAX_STEM = 80
+_UNSAFE = re.compile(r"[^\w.-]+")  # \w is Unicode: "Réunion 東京.mp3" keeps its letters
+_MAX_STEM_BYTES = 160  # file systems count a name's UTF-8 bytes (255 at most)
 _DISK_CHECK_EVERY = 16 << 20
 
 
 def sanitize_filename(name: str, default: str = "upload") -> str:
-    """A safe file name from a client's: no folders, only [A-Za-z0-9._-], no leading dot,
-    bounded length, and the extension kept (lower-cased) because it hints at the container."""
+    """A safe file name from a client's: no folders, only letters and digits (any script) and
+    ._-, no leading dot, bounded length, and the extension kept (lower-cased) because it hints
+    at the container."""
     base = PureWindowsPath(PurePosixPath(name or "").name).name  # drop / and \ folders
-    base = _UNSAFE.sub("_", base).strip("._-")
+    base = _UNSAFE.sub("_", unicodedata.normalize("NFC", base)).strip("._-")
     stem, dot, ext = base.rpartition(".")
     if not dot:
         stem, ext = base, ""
     ext = re.sub(r"[^a-z0-9]", "", ext.lower())[:10]
-    stem = stem.strip("._-")[:_MAX_STEM] or default
+    stem = stem.encode()[:_MAX_STEM_BYTES].decode(errors="ignore").strip("._-") or default
     return f"{stem}.{ext}" if ext else stem
 
 

@@ -125,6 +125,7 @@ def _assert_still_serving(client: LongscribeClient) -> None:
 
 
 def test_text_file_uploaded_as_media_fails_clearly(client: LongscribeClient,
+                                                   server: ServerProcess,
                                                    tmp_path: Path) -> None:
     notes = tmp_path / "notes.mp3"
     notes.write_text("this is not audio at all\n" * 200)
@@ -132,6 +133,7 @@ def test_text_file_uploaded_as_media_fails_clearly(client: LongscribeClient,
         client.transcribe(str(notes))
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "media" in str(err.value).lower() or "decode" in str(err.value).lower()
+    assert str(server.data_dir) not in str(err.value)  # no server-side paths
     _assert_still_serving(client)
 
 
@@ -283,3 +285,16 @@ def test_english_only_model_refuses_other_languages(client: LongscribeClient,
         client.submit_path("jfk.flac", options=options)
     assert err.value.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "English-only" in str(err.value)
+
+
+def test_truncated_mp3_reports_what_was_decoded(client: LongscribeClient,
+                                                lj_media: dict[str, Path],
+                                                tmp_path: Path) -> None:
+    """The mp3's LAME header promises 234 s; the file holds the first ~60 %: the result's
+    duration is what was decoded, not the header's."""
+    data = lj_media["mp3"].read_bytes()
+    cut = tmp_path / "cut.mp3"
+    cut.write_bytes(data[: int(len(data) * 0.6)])
+    result = client.transcribe(cut)
+    assert 0.55 * 234 < result.duration_seconds < 0.65 * 234, result.duration_seconds
+    assert result.segments[-1].end <= result.duration_seconds + 0.5

@@ -107,3 +107,19 @@ def test_random_paths_never_escape(fuzz_root: Path, parts: list[str]) -> None:
                           grpc.StatusCode.INVALID_ARGUMENT}
         return
     assert path.is_file() and path.is_relative_to(fuzz_root.resolve())
+
+
+def test_error_messages_lose_server_paths(tmp_path: Path) -> None:
+    from longscribe.service.errors import redact_paths
+
+    data = tmp_path / "data"
+    data.mkdir()
+    link = tmp_path / "link"
+    link.symlink_to(data)
+    roots = (str(link), "")
+    assert redact_paths(f"media file not found: {data}/jobs/j1/upload/talk.mp3", roots) == \
+        "media file not found: talk.mp3"
+    assert redact_paths(f"cannot decode '{link}/jobs/j1/notes.mp3': bad", roots) == \
+        "cannot decode 'notes.mp3': bad"
+    assert redact_paths("no file 'a.mp3' under the media root", roots) == \
+        "no file 'a.mp3' under the media root"

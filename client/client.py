@@ -168,6 +168,7 @@ class LongscribeClient:
         if tls_cert and not tls_key or tls_key and not tls_cert:
             raise ValueError("a TLS client certificate needs both tls_cert and tls_key")
         use_tls = tls if tls is not None else bool(tls_ca or tls_cert)
+        self.tls = use_tls
         if use_tls:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=_read_pem(tls_ca, "CA bundle"),
@@ -207,7 +208,7 @@ class LongscribeClient:
         try:
             return method(request, metadata=self._metadata, timeout=self.timeout)
         except grpc.RpcError as err:
-            raise LongscribeError.from_rpc(err) from err
+            raise LongscribeError.from_rpc(err, tls=self.tls) from err
 
     def submit_url(
         self,
@@ -275,7 +276,7 @@ class LongscribeClient:
         try:
             return self._stub.UploadAndSubmit(requests(), metadata=self._metadata)
         except grpc.RpcError as err:
-            raise LongscribeError.from_rpc(err) from err
+            raise LongscribeError.from_rpc(err, tls=self.tls) from err
 
     def submit(
         self,
@@ -340,7 +341,7 @@ class LongscribeClient:
                     job_id=job_id,
                 )
             except grpc.RpcError as err:
-                reason = LongscribeError.from_rpc(err, job_id=job_id)
+                reason = LongscribeError.from_rpc(err, job_id=job_id, tls=self.tls)
             except LongscribeError as err:  # from get(): the server may be going away too
                 reason = err
             finally:

@@ -17,6 +17,16 @@ def status_code(number: int) -> grpc.StatusCode:
     return _BY_NUMBER.get(number, grpc.StatusCode.UNKNOWN)
 
 
+def tls_hint(details: str, tls: bool) -> str:
+    """What a connection failure suggests about a TLS mismatch (gRPC's own text does not)."""
+    if tls and ("WRONG_VERSION_NUMBER" in details or "handshake failed" in details.lower()):
+        return (" (hint: the TLS handshake failed: the server may be plaintext (drop --tls), "
+                "or its certificate is not signed by --tls-ca)")
+    if not tls and "Socket closed" in details:
+        return " (hint: the server may require TLS: add --tls, and --tls-ca for a private CA)"
+    return ""
+
+
 class LongscribeError(Exception):
     """An RPC error or a job that ended FAILED/CANCELLED. `code` is a grpc.StatusCode."""
 
@@ -34,10 +44,13 @@ class LongscribeError(Exception):
         return self.code.name
 
     @classmethod
-    def from_rpc(cls, err: grpc.RpcError, *, job_id: str = "") -> LongscribeError:
+    def from_rpc(cls, err: grpc.RpcError, *, job_id: str = "",
+                 tls: bool | None = None) -> LongscribeError:
         # Every grpc.RpcError raised by a stub is also a grpc.Call with code()/details().
         code = err.code() if hasattr(err, "code") else grpc.StatusCode.UNKNOWN
         details = err.details() if hasattr(err, "details") else str(err)
+        if code == grpc.StatusCode.UNAVAILABLE and tls is not None:
+            details = (details or "") + tls_hint(details or "", tls)
         return cls(code or grpc.StatusCode.UNKNOWN, details or "", job_id=job_id)
 
     @classmethod

@@ -16,6 +16,7 @@ from grpc_reflection.v1alpha import reflection
 from longscribe.service.auth import BearerAuthInterceptor
 from longscribe.service.tls import NO_PORT_SHARING, add_port, server_credentials
 
+from tests.conftest import ServerProcess
 from tests.grpcurl import grpcurl_path, run_grpcurl
 from tests.pki import TestPki, make_pki
 
@@ -288,3 +289,22 @@ def test_add_port_reports_a_port_in_use() -> None:
     finally:
         first.stop(grace=None)
         second.stop(grace=None)
+
+
+def test_tls_mismatch_errors_carry_a_hint(pki: TestPki, server: ServerProcess) -> None:
+    """A plaintext client at a TLS server, and a TLS client at a plaintext one: UNAVAILABLE
+    either way, and the message says what to change."""
+    from longscribe.client.client import LongscribeClient
+    from longscribe.client.errors import LongscribeError
+
+    with (tls_server(pki) as port,
+          LongscribeClient(f"127.0.0.1:{port}", timeout=5) as client,
+          pytest.raises(LongscribeError) as plain):
+        list(client.list())
+    assert plain.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "the server may require TLS: add --tls" in plain.value.message
+    with (LongscribeClient(server.target, tls_ca=str(pki.ca_cert), timeout=5) as client,
+          pytest.raises(LongscribeError) as secure):
+        list(client.list())
+    assert secure.value.code == grpc.StatusCode.UNAVAILABLE
+    assert "the server may be plaintext (drop --tls)" in secure.value.message

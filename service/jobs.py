@@ -51,6 +51,7 @@ class _Job:
     last_progress_at: float = 0.0
     max_percent: float = 0.0
     phase_floor: int = 0  # the furthest phase of this run: phases only move forward
+    started_at: float | None = None  # monotonic start of the current run
 
 
 @dataclass(frozen=True)
@@ -352,8 +353,9 @@ class JobManager:
 
     def _run(self, job: _Job) -> None:
         job_id = job.row.job_id
-        started = time.monotonic()
+        started = job.started_at = time.monotonic()
         job.phase_floor = 0  # a resumed job walks its phases again
+        metrics.observe_job_started(time.time() - job.row.created)
         ctx = JobContext(
             row=job.row,
             config=self.config,
@@ -478,6 +480,10 @@ class JobManager:
                 self._emit(job, error=_error_pb(error.code, error.message))
             job.subscribers.clear()
             self._publish_state_counts()
+        metrics.observe_job_finished(
+            pb.JobState.Name(state).removeprefix("JOB_STATE_").lower(),
+            time.monotonic() - job.started_at if job.started_at is not None else 0.0,
+            error.code.name if error is not None and state == pb.JOB_STATE_FAILED else "")
         # Media is kept until the job ends (so a restart can resume); then it goes.
         shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
         shutil.rmtree(self.tmp_dir / job.row.job_id, ignore_errors=True)

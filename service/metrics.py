@@ -32,13 +32,21 @@ from collections.abc import Iterator, Mapping
 from wsgiref.simple_server import WSGIServer
 
 import psutil
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PROCESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
 
 
 class _GpuCollector(Collector):
@@ -108,6 +116,18 @@ class Metrics:
             registry=r)
         process = psutil.Process()
         self.rss.set_function(lambda: float(process.memory_info().rss))
+        # jobs: labels are bounded sets (end state, gRPC code), never a job id
+        self.jobs_finished = Counter(
+            "longscribe_jobs_finished", "Jobs that ended, by end state", ["state"], registry=r)
+        self.jobs_failed = Counter(
+            "longscribe_jobs_failed", "Failed jobs by gRPC status code", ["code"], registry=r)
+        self.job_duration = Histogram(
+            "longscribe_job_duration_seconds", "From a job's start to its end (one run)",
+            buckets=_JOB_BUCKETS, registry=r)
+        self.job_queue_wait = Histogram(
+            "longscribe_job_queue_wait_seconds", "From a job's submission to its start",
+            buckets=_JOB_BUCKETS, registry=r)
+        ProcessCollector(registry=r)  # the standard process_* series (CPU, memory, fds)
         r.register(_GpuCollector())
 
     def set_jobs_by_state(self, counts: Mapping[str, int]) -> None:
@@ -211,6 +231,19 @@ def add_decoded_audio(seconds: float) -> None:
 
 def set_realtime_factor(value: float) -> None:
     default().set_realtime_factor(value)
+
+
+def observe_job_started(queue_wait_seconds: float) -> None:
+    default().job_queue_wait.observe(max(0.0, queue_wait_seconds))
+
+
+def observe_job_finished(state: str, run_seconds: float, code: str = "") -> None:
+    """`state`: succeeded, failed or cancelled; `code`: the gRPC code name of a failure."""
+    m = default()
+    m.jobs_finished.labels(state=state).inc()
+    m.job_duration.observe(max(0.0, run_seconds))
+    if code:
+        m.jobs_failed.labels(code=code).inc()
 
 
 def start_metrics_server(

@@ -176,3 +176,36 @@ def test_gpu_memory_is_reported(served: tuple[m.Metrics, int]) -> None:
     # The block is freed but the peak remembers it.
     assert after[("longscribe_gpu_memory_allocated_bytes", (("device", "0"),))] < peak
     assert peak >= 64 << 20
+
+
+def test_job_series_from_a_real_server(tmp_path) -> None:
+    """Jobs that succeed and fail, counted by end state and code, with run and queue-wait
+    histograms and the standard process series; no label carries a job id."""
+    import urllib.request
+
+    from longscribe.client.client import LongscribeClient
+    from longscribe.client.errors import LongscribeError
+
+    from tests.conftest import JFK, ServerProcess, free_port
+
+    port = free_port()
+    server = ServerProcess(tmp_path / "data", "--metrics-port", str(port)).start(timeout=300)
+    try:
+        bad = tmp_path / "notes.mp3"
+        bad.write_text("not audio\n" * 100)
+        with LongscribeClient(server.target, timeout=60) as client:
+            good = client.submit(JFK)
+            client.wait(good.job_id)
+            with pytest.raises(LongscribeError):
+                client.transcribe(bad)
+        text = urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10).read()
+        text = text.decode()
+    finally:
+        server.stop()
+    assert 'longscribe_jobs_finished_total{state="succeeded"} 1.0' in text
+    assert 'longscribe_jobs_finished_total{state="failed"} 1.0' in text
+    assert 'longscribe_jobs_failed_total{code="INVALID_ARGUMENT"} 1.0' in text
+    assert "longscribe_job_duration_seconds_count 2.0" in text
+    assert "longscribe_job_queue_wait_seconds_count 2.0" in text
+    assert "process_cpu_seconds_total" in text and "process_open_fds" in text
+    assert good.job_id not in text

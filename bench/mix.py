@@ -317,6 +317,20 @@ def clip_recall(segments: Sequence[tuple[float, float, str]], clip: Clip,
     return out.hits / max(1, len(ref.split()))
 
 
+def lost_clips(segments: Sequence[tuple[float, float, str]], mix: Mix,
+               short_form: Sequence[str], margin: float) -> list[str]:
+    """The clips whose reference words the segments at their time recall less than
+    short-form (each clip's own transcript) does, by more than `margin`."""
+    lost = []
+    for clip, text in zip(mix.clips, short_form, strict=True):
+        reference = clip_recall([(clip.start, clip.end, text)], clip)
+        recall = clip_recall(segments, clip)
+        if recall < reference - margin:
+            lost.append(f"{clip.name} ({clip.effect}) at {clip.start:.1f}-{clip.end:.1f} s: "
+                        f"{recall:.0%} of its words, short-form {reference:.0%}")
+    return lost
+
+
 # --- the three sides -------------------------------------------------------------------------
 
 def run_short(model: Any, audio: np.ndarray, mix: Mix, fp16: bool) -> dict[str, Any]:

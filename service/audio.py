@@ -44,10 +44,10 @@ from pydub.utils import get_prober_name, which
 
 from .buffers import BufferPool
 from .errors import Cancelled, JobError, invalid
+from .transcriber import SAMPLE_RATE
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = 16000
 _BYTES_PER_SAMPLE = 2  # s16le from ffmpeg
 _READ_POLL_SECONDS = 0.1  # how often a blocked read looks at the cancel event
 _TAIL_POLL_SECONDS = 0.05  # how often the growing-file feeder looks for new bytes

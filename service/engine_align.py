@@ -19,11 +19,9 @@ from whisper.model import Whisper, disable_sdpa
 from whisper.timing import TOKENS_PER_SECOND, median_filter
 from whisper.tokenizer import Tokenizer
 
-SAMPLE_RATE = 16000
+from .transcriber import APPEND_PUNCTUATION, PREPEND_PUNCTUATION, SAMPLE_RATE
+
 MIN_PAUSE = int(0.3 * SAMPLE_RATE)  # shorter silences are within a phrase
-# whisper's defaults (transcribe(prepend_punctuations=..., append_punctuations=...))
-PREPEND_PUNCTUATION = "\"'“¿([{-"
-APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 SNAP = int(0.5 * SAMPLE_RATE)  # word bounds this close to a VAD pause move onto its edge
 MAX_SHIFT = 1.0  # seconds: a pause farther than this from every word start is not used
 

@@ -17,7 +17,8 @@ from typing import Any, Protocol
 
 import numpy as np
 
-SAMPLE_RATE = 16000
+from .transcriber import SAMPLE_RATE
+
 FRAME = 512  # silero-vad's frame at 16 kHz (32 ms); the energy detector uses the same grid
 BLOCK = 256  # frames scored together (8.2 s)
 

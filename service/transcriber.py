@@ -16,6 +16,10 @@ from dataclasses import dataclass
 from typing import Any, Protocol
 
 SAMPLE_RATE = 16000
+# whisper's defaults (transcribe(prepend_punctuations=..., append_punctuations=...)): these
+# are attached to the word next to them, never words of their own
+PREPEND_PUNCTUATION = "\"'“¿([{-"
+APPEND_PUNCTUATION = "\"'.。,，!！?？:：”)]}、"
 
 
 @dataclass(frozen=True)

@@ -384,7 +384,7 @@ def _segment(start: float, end: float, words: list[tuple[str, float, float]]):
 
 
 def test_uncovered_speech_regions() -> None:
-    from longscribe.service.engine import uncovered_speech
+    from longscribe.service.recovery import uncovered_speech
 
     window = SimpleNamespace(start_sample=10 * SR, samples=np.zeros(20 * SR, np.float32),
                              speech=((int(10.5 * SR), int(14 * SR)), (int(16 * SR), int(19 * SR)),
@@ -401,7 +401,7 @@ def test_uncovered_speech_regions() -> None:
 
 
 def test_recovered_words_that_repeat_their_neighbours_are_dropped() -> None:
-    from longscribe.service.engine import trim_overlap
+    from longscribe.service.recovery import trim_overlap
 
     before = _segment(1.0, 3.0, [(" imitates", 1.0, 1.5), (" a", 1.5, 1.6), (" hand,", 1.6, 3.0)])
     after = _segment(5.0, 7.0, [(" Paris,", 5.0, 5.5), (" Lubeck", 5.5, 7.0)])

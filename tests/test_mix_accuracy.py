@@ -21,6 +21,7 @@ from bench.mix import (
     clip_audio,
     clip_recall,
     hallucinated,
+    lost_clips,
     timing_problems,
 )
 from tests.conftest import ServerProcess, wer
@@ -109,14 +110,7 @@ def test_every_clip_is_transcribed_at_its_time(mix: Mix, short_form: list[str],
                                                service: Any) -> None:
     """Each clip's reference words are found in the segments at its time (± 1 s), nearly as
     many as short-form finds: a dropped or displaced clip fails here."""
-    segments = _segments(service)
-    lost = []
-    for clip, text in zip(mix.clips, short_form, strict=True):
-        reference_recall = clip_recall([(clip.start, clip.end, text)], clip)
-        recall = clip_recall(segments, clip)
-        if recall < reference_recall - 0.25:
-            lost.append(f"{clip.name} ({clip.effect}): {recall:.0%} of its words at "
-                        f"{clip.start:.1f}-{clip.end:.1f} s, short-form {reference_recall:.0%}")
+    lost = lost_clips(_segments(service), mix, short_form, margin=0.25)
     assert not lost, "\n".join(lost)
 
 

@@ -90,7 +90,7 @@ class CT2Backend:
         return f"CTranslate2 on {self.device} ({self.compute_type}, beam {self.beam_size})"
 
     def warm_up(self) -> None:
-        features = self.encode([np.zeros(SAMPLE_LEN, dtype=np.float32)])
+        features = self.encode([np.zeros(16000, dtype=np.float32)])
         self.model.generate(features, [list(self.tokenizer.sot_sequence)], max_length=8)
 
     def on_worker_thread(self, threads: int | None) -> None:
@@ -154,7 +154,7 @@ class CT2Backend:
     def is_out_of_memory(self, error: BaseException) -> bool:
         return "out of memory" in str(error).lower()
 
-    def after_batch(self, out_of_memory: bool = False) -> None:
+    def after_batch(self) -> None:
         if self.device == "cpu":
             memory.release_free_memory()
 

@@ -36,7 +36,6 @@ from .engine_align import (
 )
 from .errors import Cancelled, JobError
 from .recovery import anomalous, trim_overlap, uncovered_speech
-from .segment import warm_up as warm_up_segmenter
 from .transcriber import (
     SAMPLE_RATE,
     DecodeOptions,
@@ -95,7 +94,7 @@ class Backend(Protocol):
 
     def is_out_of_memory(self, error: BaseException) -> bool: ...
 
-    def after_batch(self, out_of_memory: bool = False) -> None: ...
+    def after_batch(self) -> None: ...
 
     def close(self) -> None: ...
 
@@ -205,7 +204,6 @@ class Engine:
         self._rr = 0
         self._worker: threading.Thread | None = None
         self._stopping = False
-        self._multilingual = self.backend.is_multilingual
         self._tokenizer = self.backend.tokenizer
 
     # --- lifecycle -----------------------------------------------------------------------------
@@ -215,7 +213,6 @@ class Engine:
                 return
             self._stopping = False
             self.backend.warm_up()
-            warm_up_segmenter()
             self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
             self._worker.start()
 
@@ -393,13 +390,12 @@ class Engine:
                 self._fail({id(i.job): i.job for i in items}.values(),
                            JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {e}"))
         finally:
+            # after the except block: the failed batch's tensors (held by the exception's
+            # traceback) are already freed, so the cache really empties before a retry
             self.backend.after_batch()
         if not out_of_memory:
             self._grow_back()
             return
-        # retried here, after the except block: the failed batch's tensors (held by the
-        # exception's traceback) are freed before the halves run
-        self.backend.after_batch(out_of_memory=True)
         if len(items) == 1:
             self._fail([items[0].job], JobError(
                 grpc.StatusCode.RESOURCE_EXHAUSTED,
@@ -432,7 +428,7 @@ class Engine:
             self._cv.notify_all()
 
     def _initial_tokens(self, job: _Job, language: str) -> list[int]:
-        if self._multilingual:
+        if self.is_multilingual:
             tok = get_tokenizer(True, num_languages=self.backend.num_languages,
                                 language=language, task=job.options.task)
         else:
@@ -452,7 +448,7 @@ class Engine:
         t1 = time.perf_counter()
         report(0.3)
         languages = ["en"] * len(items)
-        if self._multilingual:
+        if self.is_multilingual:
             unknown = [i for i, it in enumerate(items) if not it.job.options.language]
             detected = bd.detect_language(features, unknown)
             for i, lang in zip(unknown, detected, strict=True):
@@ -660,10 +656,9 @@ class Engine:
         return segs, int(min(consumed, available))
 
 
-def _speech_in(window: Any, from_sample: int, to_sample: int | None = None) -> bool:
+def _speech_in(window: Any, from_sample: int, to_sample: int) -> bool:
     """Whether the window holds speech between the two samples (True when it does not say)."""
     spans = getattr(window, "speech", None)
     if not spans:
         return True
-    to = window.start_sample + len(window.samples) if to_sample is None else to_sample
-    return sum(max(0, min(e, to) - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE
+    return sum(max(0, min(e, to_sample) - max(s, from_sample)) for s, e in spans) >= MIN_PAUSE

@@ -168,12 +168,11 @@ def place_words(words: list[timing.WordTiming], base: int, token_logprobs: list[
     out: list[WordTiming] = []
     silences = pauses(speech)
     k = 0
-    kept = [w for w in words if w.tokens]
-    for w in words:
+    kept = [w for w in words if w.tokens]  # merging empties the punctuation's own entries
+    for i, w in enumerate(kept):
         lps = token_logprobs[k:k + len(w.tokens)]
         k += len(w.tokens)
-        w.probability = float(np.mean(np.exp(lps))) if lps else 1.0
-    for i, w in enumerate(kept):
+        prob = float(np.mean(np.exp(lps))) if lps else 1.0
         s, e = base + int(w.start * SAMPLE_RATE), base + int(w.end * SAMPLE_RATE)
         for ps, pe in silences:
             if ps <= s < pe and pe < e:
@@ -188,7 +187,7 @@ def place_words(words: list[timing.WordTiming], base: int, token_logprobs: list[
                     e = ps
                 else:
                     s = pe
-        out.append(WordTiming(w.word, w.tokens, s, max(e, s), w.probability))
+        out.append(WordTiming(w.word, w.tokens, s, max(e, s), prob))
     for before, after in zip(out, out[1:], strict=False):
         # a pause between two words: the alignment lags the speech, the VAD does not; the word
         # after the pause starts where speech resumes, the one before ends where it stopped

@@ -97,10 +97,12 @@ class LongscribeServer:
         try:
             # Imported here: torch and whisper take seconds to import, the port opens first.
             from longscribe.service.engines import create_engine
+            from longscribe.service.segment import warm_up as warm_up_segmenter
 
             started = time.monotonic()
             self.engine = create_engine(self.config)
             self.engine.start()
+            warm_up_segmenter()  # before SERVING too: the first job is as fast as the second
             self.manager.start(self.engine)
             log.info("model ready in %.1f s: %s engine, %s", time.monotonic() - started,
                      self.engine.name, self.engine.backend.describe())

@@ -84,7 +84,7 @@ class TorchBackend:
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, torch.cuda.OutOfMemoryError)
 
-    def after_batch(self, out_of_memory: bool = False) -> None:
+    def after_batch(self) -> None:
         if self.cuda:
             torch.cuda.empty_cache()
         else:

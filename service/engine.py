@@ -172,6 +172,7 @@ class _Job:
     # of how far (absolute seconds) the job has got: a batch can take many seconds on a CPU
     on_progress: Callable[[float], None] | None = None
     reported_at: float = 0.0
+    priority: int = 0  # higher: its windows are taken first when a batch is formed
 
     @property
     def dead(self) -> bool:
@@ -235,10 +236,13 @@ class Engine:
     # --- the job side ----------------------------------------------------------------------------
     def transcribe(self, windows: Iterable[Any], options: DecodeOptions,
                    cancel: threading.Event, *,
-                   progress: Callable[[float], None] | None = None) -> Iterator[WindowResult]:
+                   progress: Callable[[float], None] | None = None,
+                   priority: int = 0) -> Iterator[WindowResult]:
         """Window results in window order. Raises errors.Cancelled soon after `cancel` is set.
         `progress(seconds)`: while a batch runs, about every PROGRESS_EVERY s, an estimate of
-        the audio position the job has reached (from the worker thread)."""
+        the audio position the job has reached (from the worker thread). `priority`: a batch
+        is filled from the jobs of the highest priority with windows waiting first (live audio
+        passes a higher one than batch jobs' 0); jobs of one priority share it round-robin."""
         if not self.running:
             raise JobError(grpc.StatusCode.UNAVAILABLE, "the transcription engine is not running")
         if not options.temperatures:
@@ -252,7 +256,7 @@ class Engine:
             # whisper keeps at most half the text context for the prompt
             prompt = self._tokenizer.encode(text)[-(self.backend.text_ctx // 2 - 1):]
         job = _Job(options, cancel, prompt, max_pending=max(2 * self.batch_size, 4),
-                   on_progress=progress)
+                   on_progress=progress, priority=priority)
         return self._results(job, iter(windows))
 
     def _results(self, job: _Job, windows: Iterator[Any]) -> Iterator[WindowResult]:
@@ -338,18 +342,21 @@ class Engine:
             start = self._rr % n
             order = live[start:] + live[:start]
             self._rr += 1
-            key = self._key(order[0].pending[0])
+            key = self._key(max(order, key=lambda j: j.priority).pending[0])
             batch: list[_Item] = []
-            while len(batch) < self.batch_size:
-                took = False
-                for job in order:
-                    if job.pending and len(batch) < self.batch_size:
-                        if self._key(job.pending[0]) != key:
-                            continue
-                        batch.append(job.pending.popleft())
-                        took = True
-                if not took:
-                    break
+            # highest priority first; round-robin among the jobs of one priority
+            for level in sorted({j.priority for j in order}, reverse=True):
+                jobs = [j for j in order if j.priority == level]
+                while len(batch) < self.batch_size:
+                    took = False
+                    for job in jobs:
+                        if job.pending and len(batch) < self.batch_size:
+                            if self._key(job.pending[0]) != key:
+                                continue
+                            batch.append(job.pending.popleft())
+                            took = True
+                    if not took:
+                        break
             return batch
 
     def _linger(self) -> None:

@@ -411,3 +411,34 @@ def test_recovered_words_that_repeat_their_neighbours_are_dropped() -> None:
     assert [s.text for s in out] == ["Basle,"]
     assert (out[0].start, out[0].end) == (3.6, 4.2)
     assert trim_overlap([_segment(3.2, 3.5, [(" Paris", 3.2, 3.5)])], [after]) == []
+
+
+def test_higher_priority_windows_are_taken_first(model, audio) -> None:
+    """A job submitted with a higher priority while a long job runs gets the batches to itself
+    (round-robin would give every batch one window of each job)."""
+    eng = Engine(model, batch_size=2, linger=0)
+    encode = eng.backend.encode
+    lj, jfk = audio["lj"], audio["jfk"]
+    batches: list[list[str]] = []
+
+    def recording(windows, *args, **kwargs):
+        batches.append(["high" if np.shares_memory(w, jfk) else "low" for w in windows])
+        return encode(windows, *args, **kwargs)
+
+    eng.backend.encode = recording
+    eng.start()
+    try:
+        low = eng.transcribe(Segmenter().windows(chunks(lj)), DecodeOptions(), threading.Event())
+        next(low)  # the long job is running
+        high_windows = [SimpleNamespace(index=i, start_sample=i * len(jfk), samples=jfk)
+                        for i in range(4)]
+        high = list(eng.transcribe(iter(high_windows), DecodeOptions(), threading.Event(),
+                                   priority=1))
+        list(low)
+    finally:
+        eng.stop()
+    assert len(high) == 4 and all("country" in transcript_text([r]).lower() for r in high)
+    rows = [kind for batch in batches for kind in batch]
+    first, last = rows.index("high"), len(rows) - 1 - rows[::-1].index("high")
+    # at most one low window in a batch formed while the high job's feeder was still adding
+    assert rows[first:last + 1].count("low") <= 1, batches

@@ -32,5 +32,5 @@ def test_service_name_is_stable() -> None:
     assert service.full_name == "longscribe.v1.TranscriptionService"
     assert {m.name for m in service.methods} == {
         "SubmitJob", "UploadAndSubmit", "WatchJob", "Transcribe", "GetJob", "ListJobs",
-        "CancelJob",
+        "CancelJob", "TranscribeLive",
     }

@@ -21,6 +21,14 @@ class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     JOB_STATE_SUCCEEDED: _ClassVar[JobState]
     JOB_STATE_FAILED: _ClassVar[JobState]
     JOB_STATE_CANCELLED: _ClassVar[JobState]
+
+class LiveSourceState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    LIVE_SOURCE_STATE_UNSPECIFIED: _ClassVar[LiveSourceState]
+    LIVE_SOURCE_OK: _ClassVar[LiveSourceState]
+    LIVE_SOURCE_BACKPRESSURE: _ClassVar[LiveSourceState]
+    LIVE_SOURCE_DROPPING: _ClassVar[LiveSourceState]
+    LIVE_SOURCE_DROPPED: _ClassVar[LiveSourceState]
 JOB_STATE_UNSPECIFIED: JobState
 JOB_STATE_QUEUED: JobState
 JOB_STATE_DOWNLOADING: JobState
@@ -30,6 +38,11 @@ JOB_STATE_FINALIZING: JobState
 JOB_STATE_SUCCEEDED: JobState
 JOB_STATE_FAILED: JobState
 JOB_STATE_CANCELLED: JobState
+LIVE_SOURCE_STATE_UNSPECIFIED: LiveSourceState
+LIVE_SOURCE_OK: LiveSourceState
+LIVE_SOURCE_BACKPRESSURE: LiveSourceState
+LIVE_SOURCE_DROPPING: LiveSourceState
+LIVE_SOURCE_DROPPED: LiveSourceState
 
 class TranscriptionOptions(_message.Message):
     __slots__ = ("language", "task", "initial_prompt")
@@ -150,7 +163,7 @@ class Progress(_message.Message):
     def __init__(self, phase: _Optional[_Union[JobState, str]] = ..., percent: _Optional[float] = ..., bytes_done: _Optional[int] = ..., bytes_total: _Optional[int] = ..., audio_seconds_done: _Optional[float] = ..., audio_seconds_total: _Optional[float] = ..., chunk_index: _Optional[int] = ..., chunk_count: _Optional[int] = ..., eta_seconds: _Optional[float] = ..., realtime_factor: _Optional[float] = ..., bytes_per_second: _Optional[float] = ..., message: _Optional[str] = ...) -> None: ...
 
 class Segment(_message.Message):
-    __slots__ = ("id", "start", "end", "text", "avg_logprob", "no_speech_prob", "compression_ratio", "temperature", "words")
+    __slots__ = ("id", "start", "end", "text", "avg_logprob", "no_speech_prob", "compression_ratio", "temperature", "words", "source")
     ID_FIELD_NUMBER: _ClassVar[int]
     START_FIELD_NUMBER: _ClassVar[int]
     END_FIELD_NUMBER: _ClassVar[int]
@@ -160,6 +173,7 @@ class Segment(_message.Message):
     COMPRESSION_RATIO_FIELD_NUMBER: _ClassVar[int]
     TEMPERATURE_FIELD_NUMBER: _ClassVar[int]
     WORDS_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
     id: int
     start: float
     end: float
@@ -169,7 +183,8 @@ class Segment(_message.Message):
     compression_ratio: float
     temperature: float
     words: _containers.RepeatedCompositeFieldContainer[Word]
-    def __init__(self, id: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., temperature: _Optional[float] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ...) -> None: ...
+    source: str
+    def __init__(self, id: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., avg_logprob: _Optional[float] = ..., no_speech_prob: _Optional[float] = ..., compression_ratio: _Optional[float] = ..., temperature: _Optional[float] = ..., words: _Optional[_Iterable[_Union[Word, _Mapping]]] = ..., source: _Optional[str] = ...) -> None: ...
 
 class Word(_message.Message):
     __slots__ = ("word", "start", "end", "probability")
@@ -272,3 +287,137 @@ class Job(_message.Message):
     chunks_reused: int
     duration_seconds: float
     def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., source: _Optional[str] = ..., options: _Optional[_Union[TranscriptionOptions, _Mapping]] = ..., request_id: _Optional[str] = ..., create_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., update_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., progress: _Optional[_Union[Progress, _Mapping]] = ..., error: _Optional[_Union[Error, _Mapping]] = ..., result: _Optional[_Union[Result, _Mapping]] = ..., event_count: _Optional[int] = ..., chunks_total: _Optional[int] = ..., chunks_done: _Optional[int] = ..., chunks_reused: _Optional[int] = ..., duration_seconds: _Optional[float] = ...) -> None: ...
+
+class LiveConfig(_message.Message):
+    __slots__ = ("sources", "sample_rate", "encoding", "options", "session_id", "overflow", "no_partials")
+    SOURCES_FIELD_NUMBER: _ClassVar[int]
+    SAMPLE_RATE_FIELD_NUMBER: _ClassVar[int]
+    ENCODING_FIELD_NUMBER: _ClassVar[int]
+    OPTIONS_FIELD_NUMBER: _ClassVar[int]
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    OVERFLOW_FIELD_NUMBER: _ClassVar[int]
+    NO_PARTIALS_FIELD_NUMBER: _ClassVar[int]
+    sources: _containers.RepeatedScalarFieldContainer[str]
+    sample_rate: int
+    encoding: str
+    options: TranscriptionOptions
+    session_id: str
+    overflow: str
+    no_partials: bool
+    def __init__(self, sources: _Optional[_Iterable[str]] = ..., sample_rate: _Optional[int] = ..., encoding: _Optional[str] = ..., options: _Optional[_Union[TranscriptionOptions, _Mapping]] = ..., session_id: _Optional[str] = ..., overflow: _Optional[str] = ..., no_partials: _Optional[bool] = ...) -> None: ...
+
+class LiveAudio(_message.Message):
+    __slots__ = ("source", "data")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    DATA_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    data: bytes
+    def __init__(self, source: _Optional[str] = ..., data: _Optional[bytes] = ...) -> None: ...
+
+class LiveRequest(_message.Message):
+    __slots__ = ("config", "audio")
+    CONFIG_FIELD_NUMBER: _ClassVar[int]
+    AUDIO_FIELD_NUMBER: _ClassVar[int]
+    config: LiveConfig
+    audio: LiveAudio
+    def __init__(self, config: _Optional[_Union[LiveConfig, _Mapping]] = ..., audio: _Optional[_Union[LiveAudio, _Mapping]] = ...) -> None: ...
+
+class LiveStarted(_message.Message):
+    __slots__ = ("session_id", "resumed", "source_seconds")
+    class SourceSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    RESUMED_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    resumed: bool
+    source_seconds: _containers.ScalarMap[str, float]
+    def __init__(self, session_id: _Optional[str] = ..., resumed: _Optional[bool] = ..., source_seconds: _Optional[_Mapping[str, float]] = ...) -> None: ...
+
+class LivePartial(_message.Message):
+    __slots__ = ("source", "utterance", "start", "end", "text")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    utterance: int
+    start: float
+    end: float
+    text: str
+    def __init__(self, source: _Optional[str] = ..., utterance: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ...) -> None: ...
+
+class LiveFinal(_message.Message):
+    __slots__ = ("source", "utterance", "start", "end", "text", "segments", "latency_seconds")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    UTTERANCE_FIELD_NUMBER: _ClassVar[int]
+    START_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    TEXT_FIELD_NUMBER: _ClassVar[int]
+    SEGMENTS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    utterance: int
+    start: float
+    end: float
+    text: str
+    segments: _containers.RepeatedCompositeFieldContainer[Segment]
+    latency_seconds: float
+    def __init__(self, source: _Optional[str] = ..., utterance: _Optional[int] = ..., start: _Optional[float] = ..., end: _Optional[float] = ..., text: _Optional[str] = ..., segments: _Optional[_Iterable[_Union[Segment, _Mapping]]] = ..., latency_seconds: _Optional[float] = ...) -> None: ...
+
+class LiveStatus(_message.Message):
+    __slots__ = ("source", "state", "queue_depth", "queue_seconds", "dropped_seconds", "dropped_frames", "message")
+    SOURCE_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTH_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_FRAMES_FIELD_NUMBER: _ClassVar[int]
+    MESSAGE_FIELD_NUMBER: _ClassVar[int]
+    source: str
+    state: LiveSourceState
+    queue_depth: int
+    queue_seconds: float
+    dropped_seconds: float
+    dropped_frames: int
+    message: str
+    def __init__(self, source: _Optional[str] = ..., state: _Optional[_Union[LiveSourceState, str]] = ..., queue_depth: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., dropped_seconds: _Optional[float] = ..., dropped_frames: _Optional[int] = ..., message: _Optional[str] = ...) -> None: ...
+
+class LiveEnd(_message.Message):
+    __slots__ = ("session_id", "source_seconds", "finals", "dropped_seconds")
+    class SourceSecondsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: float
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
+    SESSION_ID_FIELD_NUMBER: _ClassVar[int]
+    SOURCE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    FINALS_FIELD_NUMBER: _ClassVar[int]
+    DROPPED_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    session_id: str
+    source_seconds: _containers.ScalarMap[str, float]
+    finals: int
+    dropped_seconds: float
+    def __init__(self, session_id: _Optional[str] = ..., source_seconds: _Optional[_Mapping[str, float]] = ..., finals: _Optional[int] = ..., dropped_seconds: _Optional[float] = ...) -> None: ...
+
+class LiveEvent(_message.Message):
+    __slots__ = ("started", "partial", "final", "status", "end")
+    STARTED_FIELD_NUMBER: _ClassVar[int]
+    PARTIAL_FIELD_NUMBER: _ClassVar[int]
+    FINAL_FIELD_NUMBER: _ClassVar[int]
+    STATUS_FIELD_NUMBER: _ClassVar[int]
+    END_FIELD_NUMBER: _ClassVar[int]
+    started: LiveStarted
+    partial: LivePartial
+    final: LiveFinal
+    status: LiveStatus
+    end: LiveEnd
+    def __init__(self, started: _Optional[_Union[LiveStarted, _Mapping]] = ..., partial: _Optional[_Union[LivePartial, _Mapping]] = ..., final: _Optional[_Union[LiveFinal, _Mapping]] = ..., status: _Optional[_Union[LiveStatus, _Mapping]] = ..., end: _Optional[_Union[LiveEnd, _Mapping]] = ...) -> None: ...

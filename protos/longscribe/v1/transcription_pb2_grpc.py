@@ -69,6 +69,11 @@ class TranscriptionServiceStub:
                 request_serializer=longscribe_dot_v1_dot_transcription__pb2.CancelJobRequest.SerializeToString,
                 response_deserializer=longscribe_dot_v1_dot_transcription__pb2.Job.FromString,
                 _registered_method=True)
+        self.TranscribeLive = channel.stream_stream(
+                '/longscribe.v1.TranscriptionService/TranscribeLive',
+                request_serializer=longscribe_dot_v1_dot_transcription__pb2.LiveRequest.SerializeToString,
+                response_deserializer=longscribe_dot_v1_dot_transcription__pb2.LiveEvent.FromString,
+                _registered_method=True)
 
 
 class TranscriptionServiceServicer:
@@ -123,6 +128,16 @@ class TranscriptionServiceServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def TranscribeLive(self, request_iterator, context):
+        """Live audio. First message: a LiveConfig; then audio frames, each tagged with its source.
+        Events: partial results (replaced as an utterance grows), finals (on each endpoint),
+        per-source status (backpressure, drops), and an end event once every final is out.
+        A live session is a job too: its finals are in the job's event log (WatchJob, GetJob).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_TranscriptionServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -160,6 +175,11 @@ def add_TranscriptionServiceServicer_to_server(servicer, server):
                     servicer.CancelJob,
                     request_deserializer=longscribe_dot_v1_dot_transcription__pb2.CancelJobRequest.FromString,
                     response_serializer=longscribe_dot_v1_dot_transcription__pb2.Job.SerializeToString,
+            ),
+            'TranscribeLive': grpc.stream_stream_rpc_method_handler(
+                    servicer.TranscribeLive,
+                    request_deserializer=longscribe_dot_v1_dot_transcription__pb2.LiveRequest.FromString,
+                    response_serializer=longscribe_dot_v1_dot_transcription__pb2.LiveEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -351,6 +371,33 @@ class TranscriptionService:
             '/longscribe.v1.TranscriptionService/CancelJob',
             longscribe_dot_v1_dot_transcription__pb2.CancelJobRequest.SerializeToString,
             longscribe_dot_v1_dot_transcription__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def TranscribeLive(request_iterator,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.stream_stream(
+            request_iterator,
+            target,
+            '/longscribe.v1.TranscriptionService/TranscribeLive',
+            longscribe_dot_v1_dot_transcription__pb2.LiveRequest.SerializeToString,
+            longscribe_dot_v1_dot_transcription__pb2.LiveEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -107,6 +107,37 @@ class Config:
                   "choices": ALLOCATORS},
     )
 
+    # live audio (TranscribeLive, service/live/)
+    live_queue_seconds: float = field(
+        default=8.0,
+        metadata={"help": "live audio: each source's queue holds at most this much audio; "
+                  "past it the oldest is dropped (or new frames refused, or the client blocked)"},
+    )
+    live_max_frame_seconds: float = field(
+        default=2.0, metadata={"help": "live audio: the longest accepted frame, in seconds"}
+    )
+    live_endpoint_ms: int = field(
+        default=300,
+        metadata={"help": "live audio: non-speech after an utterance that ends it (a final)"},
+    )
+    live_partial_interval: float = field(
+        default=0.7,
+        metadata={"help": "live audio: seconds between partial results while speech goes on"},
+    )
+    live_drop_source_after: float = field(
+        default=10.0,
+        metadata={"help": "live audio: a source still dropping audio after this many seconds "
+                  "is closed (the session goes on with the others)"},
+    )
+    live_resume_seconds: float = field(
+        default=30.0,
+        metadata={"help": "live audio: how long a session whose stream broke off waits to be "
+                  "resumed (LiveConfig.session_id) before its job is finalised"},
+    )
+    live_max_sessions: int = field(
+        default=64, metadata={"help": "live audio: open sessions, all clients"}
+    )
+
     @property
     def data_path(self) -> Path:
         return Path(self.data_dir)

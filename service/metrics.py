@@ -17,6 +17,11 @@ same methods for code that wants its own registry):
   with `group`, the histogram and the drop counter are labelled with the group instead of the
   queue's own name (per-job queues must not leave a histogram per job), and `forget(queue)`
   removes the queue's depth/bytes series when the queue is done
+- live audio (no per-session labels): `add_audio_bytes(n, source="live")` for frame bytes,
+  `live_session_opened()` / `live_session_closed()` (gauge longscribe_live_sessions),
+  `add_live_dropped(frames, reason)` (counter longscribe_live_frames_dropped_total{reason}:
+  overflow, rejected, stale, source_dropped), `observe_live_final_latency(seconds)` (histogram
+  longscribe_live_final_latency_seconds: a source's last speech received → its final sent)
 - collected at scrape time: longscribe_process_resident_memory_bytes (psutil) and, when torch is
   loaded with CUDA, longscribe_gpu_memory_{allocated,reserved,max_allocated}_bytes{device}
 - `start_metrics_server(port, addr="127.0.0.1", metrics=None) -> (server, actual_port)`:
@@ -46,6 +51,7 @@ from prometheus_client.registry import Collector
 _WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300)
 _PROCESS_BUCKETS = (0.01, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 20, 30, 60, 120)
 _BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128)
+_LATENCY_BUCKETS = (0.1, 0.25, 0.5, 0.75, 1, 1.25, 1.5, 2, 3, 5, 10, 30)
 _JOB_BUCKETS = (0.5, 1, 2.5, 5, 10, 30, 60, 120, 300, 600, 1800, 3600, 7200, 14400)
 
 
@@ -127,6 +133,16 @@ class Metrics:
         self.job_queue_wait = Histogram(
             "longscribe_job_queue_wait_seconds", "From a job's submission to its start",
             buckets=_JOB_BUCKETS, registry=r)
+        # live audio: bounded labels only (a session id would leave series behind forever)
+        self.live_sessions = Gauge(
+            "longscribe_live_sessions", "Open TranscribeLive sessions", registry=r)
+        self.live_frames_dropped = Counter(
+            "longscribe_live_frames_dropped", "Live audio frames dropped, by reason", ["reason"],
+            registry=r)
+        self.live_final_latency = Histogram(
+            "longscribe_live_final_latency_seconds",
+            "From receiving an utterance's last speech to sending its final",
+            buckets=_LATENCY_BUCKETS, registry=r)
         ProcessCollector(registry=r)  # the standard process_* series (CPU, memory, fds)
         r.register(_GpuCollector())
 
@@ -244,6 +260,24 @@ def observe_job_finished(state: str, run_seconds: float, code: str = "") -> None
     m.job_duration.observe(max(0.0, run_seconds))
     if code:
         m.jobs_failed.labels(code=code).inc()
+
+
+def live_session_opened() -> None:
+    default().live_sessions.inc()
+
+
+def live_session_closed() -> None:
+    default().live_sessions.dec()
+
+
+def add_live_dropped(frames: int, reason: str) -> None:
+    """`reason`: overflow, rejected, stale or source_dropped."""
+    if frames > 0:
+        default().live_frames_dropped.labels(reason=reason).inc(frames)
+
+
+def observe_live_final_latency(seconds: float) -> None:
+    default().live_final_latency.observe(max(0.0, seconds))
 
 
 def start_metrics_server(

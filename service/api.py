@@ -3,11 +3,13 @@ JobError into a gRPC status. No transcription logic lives here."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
+import functools
 import logging
 import shutil
-from collections.abc import Iterator
-from typing import Any
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
 
 import grpc
 from longscribe.service import metrics
@@ -17,6 +19,7 @@ from longscribe.service.jobs import JobManager, Source
 from longscribe.service.netguard import check_url
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.uploads import UploadWriter
+from longscribe.service.watch import job_events
 from longscribe.v1 import transcription_pb2 as pb
 from longscribe.v1 import transcription_pb2_grpc as pb_grpc
 from whisper.tokenizer import LANGUAGES, TO_LANGUAGE_CODE
@@ -28,24 +31,31 @@ MAX_PROMPT_CHARS = 2000
 MAX_URL_CHARS = 4096
 MAX_JOB_ID_CHARS = 128
 
+T = TypeVar("T")
 
-@contextlib.contextmanager
-def rpc_errors(context: grpc.ServicerContext) -> Iterator[None]:
+
+async def blocking(fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+    """Run a call that may block (SQLite, disk, DNS) off the event loop."""
+    return await asyncio.to_thread(functools.partial(fn, *args, **kwargs))
+
+
+@contextlib.asynccontextmanager
+async def rpc_errors(context: grpc.aio.ServicerContext) -> AsyncIterator[None]:
     """JobError → its status; anything else → INTERNAL with the reason (never a bare UNKNOWN)."""
     try:
         yield
     except JobError as exc:
-        context.abort(exc.code, bounded(exc.message))
+        await context.abort(exc.code, bounded(exc.message))
+    except (grpc.aio.AbortError, asyncio.CancelledError):
+        raise  # the status is set already, or the client went away
     except grpc.RpcError:
         # reading a client stream failed in gRPC itself (the client cancelled, or a message over
         # the receive limit): the call already has its status; not a server error
         log.info("client stream ended by gRPC", exc_info=False)
         raise
     except Exception as exc:
-        if context.code() not in (None, grpc.StatusCode.OK):
-            raise  # context.abort ran below us (e.g. a malformed upload message): keep its status
         log.exception("internal error in RPC")
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
+        await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {exc!r}")
 
 
 def validate_options(options: pb.TranscriptionOptions) -> None:
@@ -72,16 +82,19 @@ def _validate_job_id(job_id: str) -> None:
 
 
 class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
+    """Every handler is a coroutine on the server's event loop: streams and uploads wait without
+    holding a thread; anything that may block runs in a worker thread (`blocking`)."""
+
     def __init__(self, manager: JobManager, config: Any, tokens: frozenset[str] = frozenset()
                  ) -> None:
         self.manager = manager
         self.config = config
         self.tokens = tokens
 
-    def _client(self, context: grpc.ServicerContext) -> str:
+    def _client(self, context: grpc.aio.ServicerContext) -> str:
         return client_identity(context, tokens=self.tokens)
 
-    def _owner(self, context: grpc.ServicerContext) -> str | None:
+    def _owner(self, context: grpc.aio.ServicerContext) -> str | None:
         """With tokens configured, each token sees and controls only the jobs it submitted;
         without, every client sees every job (there is no identity to scope by)."""
         return self._client(context) if self.tokens else None
@@ -101,58 +114,74 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
             return Source("path", request.server_path, str(path))
         raise invalid("set a source: url or server_path (or use UploadAndSubmit for a file)")
 
-    def _submit(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
+    def _submit(self, request: pb.SubmitJobRequest, client: str) -> pb.Job:
+        """Blocking: resolves the URL's host and writes the job row."""
         _validate_request_id(request.request_id)
         which = request.WhichOneof("source")
         asked = Source("url" if which == "url" else "path",
                        request.url if which == "url" else request.server_path)
-        existing = self.manager.existing_for_request(request.request_id, self._client(context),
-                                                     asked, request.options)
+        existing = self.manager.existing_for_request(request.request_id, client, asked,
+                                                     request.options)
         if existing is not None:
             return existing
         validate_options(request.options)
         source = self._source(request)
         return self.manager.submit(source, request.options, request_id=request.request_id,
-                                   client=self._client(context))
+                                   client=client)
 
-    def SubmitJob(self, request: pb.SubmitJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        with rpc_errors(context):
-            return self._submit(request, context)
+    async def SubmitJob(self, request: pb.SubmitJobRequest,
+                        context: grpc.aio.ServicerContext) -> pb.Job:
+        async with rpc_errors(context):
+            return await blocking(self._submit, request, self._client(context))
 
-    def UploadAndSubmit(self, request_iterator: Iterator[pb.UploadRequest],
-                        context: grpc.ServicerContext) -> pb.Job:
-        with rpc_errors(context):
-            first = next(request_iterator, None)
-            if first is None or not first.HasField("metadata"):
-                raise invalid("the first UploadRequest must carry metadata (filename, options)")
-            meta = first.metadata
-            _validate_request_id(meta.request_id)
-            existing = self.manager.existing_for_request(
-                meta.request_id, self._client(context), Source("upload", meta.filename),
-                meta.options)
-            if existing is not None:
-                return existing
-            validate_options(meta.options)
-            client = self._client(context)
-            self.manager.check_admission(client)
-            self._check_upload_size(meta.size_bytes)
-            job_id = self.manager.new_job_id()
-            job_dir = self.manager.job_dir(job_id)
-            try:
-                with UploadWriter(job_dir, meta.filename or "upload", self.config.max_upload_bytes,
-                                  min_free_bytes=self.config.min_free_disk_bytes) as writer:
-                    for message in request_iterator:
-                        if message.HasField("metadata"):
-                            raise invalid("metadata may only be sent once, in the first message")
-                        writer.write(message.chunk)
-                        metrics.add_audio_bytes(len(message.chunk))
-                return self.manager.submit(
-                    Source("upload", writer.path.name, str(writer.path)), meta.options,
-                    request_id=meta.request_id, client=client, job_id=job_id,
-                )
-            except BaseException:
-                shutil.rmtree(job_dir, ignore_errors=True)
-                raise
+    async def UploadAndSubmit(self, request_iterator: AsyncIterator[pb.UploadRequest],
+                              context: grpc.aio.ServicerContext) -> pb.Job:
+        async with rpc_errors(context):
+            return await self._upload(aiter(request_iterator), self._client(context))
+
+    async def _next_message(self, messages: AsyncIterator[pb.UploadRequest]
+                            ) -> pb.UploadRequest | None:
+        """The next upload message, None at the end; a client silent for longer than
+        upload_idle_timeout ends the upload (a stalled upload would hold its slot forever)."""
+        timeout = self.config.upload_idle_timeout
+        try:
+            return await asyncio.wait_for(anext(messages, None), timeout=timeout or None)
+        except asyncio.TimeoutError:
+            raise JobError(
+                grpc.StatusCode.DEADLINE_EXCEEDED,
+                f"the upload sent nothing for {timeout:g} s (upload_idle_timeout) and was "
+                "ended; nothing was kept: send the file again",
+            ) from None
+
+    async def _upload(self, messages: AsyncIterator[pb.UploadRequest], client: str) -> pb.Job:
+        first = await self._next_message(messages)
+        if first is None or not first.HasField("metadata"):
+            raise invalid("the first UploadRequest must carry metadata (filename, options)")
+        meta = first.metadata
+        _validate_request_id(meta.request_id)
+        existing = await blocking(self.manager.existing_for_request, meta.request_id, client,
+                                  Source("upload", meta.filename), meta.options)
+        if existing is not None:
+            return existing
+        validate_options(meta.options)
+        await blocking(self.manager.check_admission, client)
+        await blocking(self._check_upload_size, meta.size_bytes)
+        job_id = self.manager.new_job_id()
+        job_dir = self.manager.job_dir(job_id)
+        try:
+            with UploadWriter(job_dir, meta.filename or "upload", self.config.max_upload_bytes,
+                              min_free_bytes=self.config.min_free_disk_bytes) as writer:
+                while (message := await self._next_message(messages)) is not None:
+                    if message.HasField("metadata"):
+                        raise invalid("metadata may only be sent once, in the first message")
+                    await blocking(writer.write, message.chunk)
+                    metrics.add_audio_bytes(len(message.chunk))
+            return await blocking(
+                self.manager.submit, Source("upload", writer.path.name, str(writer.path)),
+                meta.options, request_id=meta.request_id, client=client, job_id=job_id)
+        except BaseException:
+            shutil.rmtree(job_dir, ignore_errors=True)
+            raise
 
     def _check_upload_size(self, size: int) -> None:
         if size < 0:
@@ -171,21 +200,23 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
 
     # --- watching ---------------------------------------------------------------------------
 
-    def WatchJob(self, request: pb.WatchJobRequest, context: grpc.ServicerContext
-                 ) -> Iterator[pb.JobEvent]:
-        with rpc_errors(context):
+    async def WatchJob(self, request: pb.WatchJobRequest, context: grpc.aio.ServicerContext
+                       ) -> AsyncIterator[pb.JobEvent]:
+        async with rpc_errors(context):
             _validate_job_id(request.job_id)
-            yield from self.manager.watch(request.job_id, request.from_index, context.is_active,
-                                          self._owner(context))
+            async for event in job_events(self.manager, request.job_id, request.from_index,
+                                          self._owner(context)):
+                yield event
 
-    def Transcribe(self, request: pb.TranscribeRequest, context: grpc.ServicerContext
-                   ) -> Iterator[pb.JobEvent]:
-        with rpc_errors(context):
-            job = self._submit(request.job, context)
+    async def Transcribe(self, request: pb.TranscribeRequest, context: grpc.aio.ServicerContext
+                         ) -> AsyncIterator[pb.JobEvent]:
+        async with rpc_errors(context):
+            job = await blocking(self._submit, request.job, self._client(context))
             if request.cancel_on_disconnect:
                 # Runs when the RPC ends for any reason; a finished job ignores the cancel.
-                context.add_callback(lambda: self._cancel_quietly(job.job_id))
-            yield from self.manager.watch(job.job_id, 0, context.is_active)
+                context.add_done_callback(lambda _: self._cancel_quietly(job.job_id))
+            async for event in job_events(self.manager, job.job_id, 0):
+                yield event
 
     def _cancel_quietly(self, job_id: str) -> None:
         with contextlib.suppress(JobError):
@@ -193,22 +224,25 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
 
     # --- reading and cancelling -------------------------------------------------------------
 
-    def GetJob(self, request: pb.GetJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        with rpc_errors(context):
+    async def GetJob(self, request: pb.GetJobRequest, context: grpc.aio.ServicerContext
+                     ) -> pb.Job:
+        async with rpc_errors(context):
             _validate_job_id(request.job_id)
-            return self.manager.get(request.job_id, request.include_result, self._owner(context))
+            return await blocking(self.manager.get, request.job_id, request.include_result,
+                                  self._owner(context))
 
-    def ListJobs(self, request: pb.ListJobsRequest, context: grpc.ServicerContext
-                 ) -> pb.ListJobsResponse:
-        with rpc_errors(context):
+    async def ListJobs(self, request: pb.ListJobsRequest, context: grpc.aio.ServicerContext
+                       ) -> pb.ListJobsResponse:
+        async with rpc_errors(context):
             for state in request.states:
                 if state not in pb.JobState.values():
                     raise invalid(f"unknown job state {state}")
-            jobs, token = self.manager.list(request.states, request.page_size,
-                                            request.page_token, self._owner(context))
+            jobs, token = await blocking(self.manager.list, request.states, request.page_size,
+                                         request.page_token, self._owner(context))
             return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
 
-    def CancelJob(self, request: pb.CancelJobRequest, context: grpc.ServicerContext) -> pb.Job:
-        with rpc_errors(context):
+    async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
+                        ) -> pb.Job:
+        async with rpc_errors(context):
             _validate_job_id(request.job_id)
-            return self.manager.cancel(request.job_id, self._owner(context))
+            return await blocking(self.manager.cancel, request.job_id, self._owner(context))

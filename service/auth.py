@@ -4,7 +4,7 @@ Wiring (server.py):
 
     tokens = load_tokens(cfg.auth_tokens, cfg.auth_tokens_file)      # ValueError at start-up
     interceptors = [BearerAuthInterceptor(tokens, open_health=cfg.auth_open_health)]
-    server = grpc.server(executor, interceptors=interceptors)
+    server = grpc.aio.server(interceptors=interceptors)
     ...
     key = client_identity(context, tokens=tokens)   # per-client limits
 
@@ -17,7 +17,7 @@ import hashlib
 import hmac
 import ipaddress
 import logging
-from collections.abc import Callable, Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote
@@ -106,8 +106,8 @@ def _aborting_handler(like: grpc.RpcMethodHandler | None, message: str) -> grpc.
     it only once its message is received: one over the receive limit is answered
     RESOURCE_EXHAUSTED by gRPC first (documented in the README)."""
 
-    def abort(_request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+    async def abort(_request: Any, context: grpc.aio.ServicerContext) -> Any:
+        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
     if like is None:
         # Unknown method: a stream-request handler runs at once, without waiting for a
@@ -123,7 +123,7 @@ def _aborting_handler(like: grpc.RpcMethodHandler | None, message: str) -> grpc.
     return factory(abort)
 
 
-class BearerAuthInterceptor(grpc.ServerInterceptor):
+class BearerAuthInterceptor(grpc.aio.ServerInterceptor):
     """Requires `authorization: Bearer <token>` on every method when `tokens` is non-empty;
     health and reflection stay open when `open_health`. With no tokens it lets everything by."""
 
@@ -135,22 +135,23 @@ class BearerAuthInterceptor(grpc.ServerInterceptor):
     def enabled(self) -> bool:
         return bool(self._tokens)
 
-    def intercept_service(
+    async def intercept_service(
         self,
-        continuation: Callable[[grpc.HandlerCallDetails], grpc.RpcMethodHandler | None],
+        continuation: Callable[[grpc.HandlerCallDetails],
+                               Awaitable[grpc.RpcMethodHandler | None]],
         handler_call_details: grpc.HandlerCallDetails,
     ) -> grpc.RpcMethodHandler | None:
         if not self._tokens:
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         method = handler_call_details.method or ""
         if method.startswith(self._open_prefixes):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         token = _bearer_token(handler_call_details.invocation_metadata)
         if token is not None and _token_matches(token, self._tokens):
-            return continuation(handler_call_details)
+            return await continuation(handler_call_details)
         message = MISSING_TOKEN if token is None else INVALID_TOKEN
         log.info("refused %s: %s", method, message)
-        return _aborting_handler(continuation(handler_call_details), message)
+        return _aborting_handler(await continuation(handler_call_details), message)
 
 
 def token_key(token: str) -> str:
@@ -178,7 +179,8 @@ def peer_host(peer: str) -> str:
     return str(mapped or addr)
 
 
-def client_identity(context: grpc.ServicerContext, *, tokens: frozenset[str] | None = None) -> str:
+def client_identity(context: grpc.aio.ServicerContext, *,
+                    tokens: frozenset[str] | None = None) -> str:
     """A stable per-client key for per-client limits: 'token:<sha256 prefix>' when the call
     carries a bearer token, else 'peer:<ip>'.
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 ENV_PREFIX = "LONGSCRIBE_"
 ALLOCATORS = ("auto", "jemalloc", "system")  # see service/memory.py
-ENGINES = ("auto", "torch", "ct2")  # see service/engines.py
+ENGINES = ("auto", "torch", "ct2", "remote")  # see service/engines.py
 
 
 def _default_data_dir() -> str:
@@ -34,8 +34,9 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     engine: str = field(
         default="auto",
-        metadata={"help": "torch (openai-whisper, greedy), ct2 (CTranslate2, beam search) or "
-                  "auto (torch)", "choices": ENGINES},
+        metadata={"help": "torch (openai-whisper, greedy), ct2 (CTranslate2, beam search), "
+                  "remote (an OpenAI audio API server, --remote-*) or auto (torch)",
+                  "choices": ENGINES},
     )
     compute_type: str = field(
         default="auto",
@@ -62,6 +63,11 @@ class Config:
     metrics_port: int = field(default=0, metadata={"help": "Prometheus /metrics port (0: off)"})
     max_upload_bytes: int = field(
         default=4 << 30, metadata={"help": "largest accepted upload or download, in bytes"}
+    )
+    upload_idle_timeout: float = field(
+        default=60.0,
+        metadata={"help": "seconds an upload may send nothing before it is ended "
+                  "(DEADLINE_EXCEEDED) and its partial file removed"},
     )
     max_duration_seconds: float = field(
         default=12 * 3600.0, metadata={"help": "longest accepted media, in seconds"}
@@ -105,6 +111,51 @@ class Config:
         metadata={"help": "memory allocator: auto (jemalloc when installed), jemalloc, or system "
                   "(glibc malloc, tuned); jemalloc keeps the resident peak flatter",
                   "choices": ALLOCATORS},
+    )
+
+    # --engine remote: a server speaking the OpenAI audio API (service/remote_engine.py)
+    remote_url: str = field(
+        default="",
+        metadata={"help": "remote engine: the API's base URL; windows go to "
+                  "{URL}/audio/transcriptions (e.g. https://api.openai.com/v1)"},
+    )
+    remote_model: str = field(default="", metadata={"help": "remote engine: the model to ask for"})
+    remote_api_key_file: str = field(
+        default="", metadata={"help": "remote engine: a file holding the API key"}
+    )
+    remote_api_key: str = field(
+        default="",
+        metadata={"help": "remote engine: the API key (prefer the env var or the key file: a "
+                  "flag shows in ps)"},
+    )
+    remote_concurrency: int = field(
+        default=4, metadata={"help": "remote engine: requests in flight at once, all jobs"}
+    )
+    remote_rpm: float = field(
+        default=0.0,
+        metadata={"help": "remote engine: requests per minute, never more in any 60 s "
+                  "(0: no limit)"},
+    )
+    remote_timeout: float = field(
+        default=120.0, metadata={"help": "remote engine: seconds one request may take"}
+    )
+    remote_down_timeout: float = field(
+        default=300.0,
+        metadata={"help": "remote engine: seconds jobs wait for a remote that keeps failing "
+                  "(circuit open) before they fail UNAVAILABLE"},
+    )
+    remote_failure_threshold: int = field(
+        default=5, metadata={"help": "remote engine: failures in a row that open the circuit"}
+    )
+    remote_degrade_after: float = field(
+        default=30.0,
+        metadata={"help": "remote engine: a window waiting longer than this for a request "
+                  "slot steps the engine down one level (0: never)"},
+    )
+    remote_model_field: str = field(
+        default="model",
+        metadata={"help": "remote engine: the form field that names the model (model; "
+                  "model_name for faster-whisper-server 0.0.3)"},
     )
 
     # live audio (TranscribeLive, service/live/)

@@ -2,22 +2,23 @@
 
 A job runs on one worker thread: fetch → decode → segment → engine → results. Every state
 change, progress step and segment becomes an event appended to the job's durable log (SQLite)
-and pushed to each watcher's own thread-safe queue.Queue; the gRPC handlers only read from those
-queues. Finished windows are stored as they finish, so a restarted server resumes a job at the
-first unfinished window."""
+and handed to each watcher's sink (`EventSink.put`, called from worker threads; the gRPC layer's
+sinks forward to its event loop, so a watcher holds no thread). Finished windows are stored as
+they finish, so a restarted server resumes a job at the first unfinished window."""
 
 from __future__ import annotations
 
+import itertools
 import logging
 import queue
 import shutil
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 from google.protobuf.timestamp_pb2 import Timestamp
@@ -38,8 +39,23 @@ log = logging.getLogger(__name__)
 
 # Progress events are rate-limited per job so a long job's log stays small.
 PROGRESS_INTERVAL_S = 0.25
-_WATCH_POLL_S = 0.5
-_SHUTDOWN = object()
+# Handed to every watcher when the server stops: the job resumes after a restart.
+WATCH_SHUTDOWN = object()
+EVENT_PAGE = 256  # events read from the log per call when a watcher catches up
+
+
+class EventSink(Protocol):
+    def put(self, item: Any) -> None:
+        """Called from worker threads with each new event, then WATCH_SHUTDOWN at shutdown.
+        Must not block."""
+
+
+@dataclass(frozen=True)
+class Subscription:
+    job_id: str
+    sink: EventSink
+    replay_until: int  # events before this index come from the log, later ones to the sink
+    finished: bool  # the job had ended: nothing will come to the sink
 
 
 @dataclass
@@ -47,7 +63,7 @@ class _Job:
     row: JobRow
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
-    subscribers: list[queue.Queue[Any]] = field(default_factory=list)
+    subscribers: list[EventSink] = field(default_factory=list)
     last_progress_at: float = 0.0
     max_percent: float = 0.0
     phase_floor: int = 0  # the furthest phase of this run: phases only move forward
@@ -151,8 +167,8 @@ class JobManager:
                 if job.row.state not in TERMINAL_STATES:
                     job.cancel_reason = "shutdown"
                     job.cancel.set()
-                for q in job.subscribers:
-                    q.put(_SHUTDOWN)
+                for sink in job.subscribers:
+                    sink.put(WATCH_SHUTDOWN)
         for _ in self._workers:
             self._pending.put(None)
         deadline = time.monotonic() + timeout
@@ -289,43 +305,37 @@ class JobManager:
                 self._finish(job, pb.JOB_STATE_CANCELLED, Cancelled("cancelled before it started"))
         return self._to_pb(job)
 
-    def watch(self, job_id: str, from_index: int, is_active: Callable[[], bool],
-              owner: str | None = None) -> Iterator[pb.JobEvent]:
-        """Events from `from_index` until the job ends: replayed from the log, then live."""
+    def subscribe(self, job_id: str, from_index: int, sink: EventSink,
+                  owner: str | None = None) -> Subscription:
+        """Start watching a job: events from `replay_until` on go to `sink`; read the earlier
+        ones with `read_events`. Call `unsubscribe` when done, however the watch ends."""
         if from_index < 0:
             raise invalid("from_index must be 0 or more")
         job = self._find(job_id, owner)
-        live: queue.Queue[Any] = queue.Queue()
         with self._lock:
-            count = job.row.event_count
             finished = job.row.state in TERMINAL_STATES
             if not finished:
-                job.subscribers.append(live)
-        try:
-            yield from self.store.read_events(job_id, from_index, count)
-            if finished:
-                return
-            while True:
-                try:
-                    event = live.get(timeout=_WATCH_POLL_S)
-                except queue.Empty:
-                    if not is_active():
-                        return
-                    continue
-                if event is _SHUTDOWN:
-                    raise JobError(
-                        grpc.StatusCode.UNAVAILABLE,
-                        "the server is shutting down; the job will resume when it restarts: "
-                        f"call WatchJob again with from_index={job.row.event_count}",
-                    )
-                if event.index >= from_index:
-                    yield event
-                if event.HasField("result") or event.HasField("error"):
-                    return  # the job ended, even if its last event lies before from_index
-        finally:
-            with self._lock:
-                if live in job.subscribers:
-                    job.subscribers.remove(live)
+                job.subscribers.append(sink)
+            return Subscription(job_id, sink, job.row.event_count, finished)
+
+    def unsubscribe(self, subscription: Subscription) -> None:
+        with self._lock:
+            job = self._jobs.get(subscription.job_id)
+            if job is not None and subscription.sink in job.subscribers:
+                job.subscribers.remove(subscription.sink)
+
+    def read_events(self, job_id: str, start: int, stop: int) -> list[pb.JobEvent]:
+        """Up to EVENT_PAGE logged events with start <= index < stop."""
+        return list(itertools.islice(self.store.read_events(job_id, start, stop), EVENT_PAGE))
+
+    def shutting_down_error(self, job_id: str) -> JobError:
+        with self._lock:
+            count = self._jobs[job_id].row.event_count if job_id in self._jobs else 0
+        return JobError(
+            grpc.StatusCode.UNAVAILABLE,
+            "the server is shutting down; the job will resume when it restarts: "
+            f"call WatchJob again with from_index={count}",
+        )
 
     # --- the worker -------------------------------------------------------------------------
 
@@ -405,9 +415,9 @@ class JobManager:
 
     def _publish(self, job: _Job, events: list[pb.JobEvent]) -> None:
         job.row.event_count += len(events)
-        for q in job.subscribers:
+        for sink in job.subscribers:
             for event in events:
-                q.put(event)
+                sink.put(event)
 
     def _window_done(self, job: _Job, window: StoredWindow) -> None:
         """A finished window and its segment events, stored in one transaction: a crash can

@@ -4,7 +4,8 @@ request!"), which tells the caller nothing about whose fault it is."""
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+import inspect
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 import grpc
@@ -17,9 +18,9 @@ class _Malformed:
         self.error = error
 
 
-def _reject(context: grpc.ServicerContext, bad: _Malformed) -> None:
-    context.abort(grpc.StatusCode.INVALID_ARGUMENT,
-                  f"the request is not a valid protobuf message for this method: {bad.error}")
+async def _reject(context: grpc.aio.ServicerContext, bad: _Malformed) -> None:
+    await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                        f"the request is not a valid protobuf message for this method: {bad.error}")
 
 
 def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes], Any]:
@@ -32,50 +33,60 @@ def _safe_deserializer(deserialize: Callable[[bytes], Any]) -> Callable[[bytes],
     return parse
 
 
-def _checked_stream(requests: Iterator[Any], context: grpc.ServicerContext) -> Iterator[Any]:
-    for request in requests:
+async def _checked_stream(requests: AsyncIterator[Any], context: grpc.aio.ServicerContext
+                          ) -> AsyncIterator[Any]:
+    async for request in requests:
         if isinstance(request, _Malformed):
-            _reject(context, request)
+            await _reject(context, request)
         yield request
 
 
-class MalformedRequestInterceptor(grpc.ServerInterceptor):
-    def intercept_service(self, continuation: Callable[[Any], Any],
-                          handler_call_details: grpc.HandlerCallDetails) -> Any:
-        handler = continuation(handler_call_details)
+def _checked(behaviour: Callable[..., Any], streaming_request: bool) -> Callable[..., Any]:
+    """`behaviour` with its request (or each streamed request) checked first. Keeps its kind:
+    an async generator stays one; a coroutine (which may write with context.write) stays one."""
+
+    async def first(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        if streaming_request:
+            return _checked_stream(request, context)
+        if isinstance(request, _Malformed):
+            await _reject(context, request)
+        return request
+
+    if inspect.isasyncgenfunction(behaviour):
+        async def generator(request: Any, context: grpc.aio.ServicerContext
+                            ) -> AsyncIterator[Any]:
+            async for response in behaviour(await first(request, context), context):
+                yield response
+
+        return generator
+
+    async def coroutine(request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await behaviour(await first(request, context), context)
+
+    return coroutine
+
+
+_FACTORIES: dict[str, Callable[..., grpc.RpcMethodHandler]] = {
+    "unary_unary": grpc.unary_unary_rpc_method_handler,
+    "unary_stream": grpc.unary_stream_rpc_method_handler,
+    "stream_unary": grpc.stream_unary_rpc_method_handler,
+    "stream_stream": grpc.stream_stream_rpc_method_handler,
+}
+
+
+class MalformedRequestInterceptor(grpc.aio.ServerInterceptor):
+    async def intercept_service(
+        self,
+        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
         if handler is None or handler.request_deserializer is None:
             return handler
-        parse = _safe_deserializer(handler.request_deserializer)
-        serialize = handler.response_serializer
-        if handler.unary_unary:
-            inner_uu = handler.unary_unary
-
-            def unary_unary(request: Any, context: grpc.ServicerContext) -> Any:
-                if isinstance(request, _Malformed):
-                    _reject(context, request)
-                return inner_uu(request, context)
-
-            return grpc.unary_unary_rpc_method_handler(unary_unary, parse, serialize)
-        if handler.unary_stream:
-            inner_us = handler.unary_stream
-
-            def unary_stream(request: Any, context: grpc.ServicerContext) -> Iterator[Any]:
-                if isinstance(request, _Malformed):
-                    _reject(context, request)
-                return inner_us(request, context)
-
-            return grpc.unary_stream_rpc_method_handler(unary_stream, parse, serialize)
-        if handler.stream_unary:
-            inner_su = handler.stream_unary
-
-            def stream_unary(requests: Iterator[Any], context: grpc.ServicerContext) -> Any:
-                return inner_su(_checked_stream(requests, context), context)
-
-            return grpc.stream_unary_rpc_method_handler(stream_unary, parse, serialize)
-        inner_ss = handler.stream_stream
-
-        def stream_stream(requests: Iterator[Any], context: grpc.ServicerContext
-                          ) -> Iterator[Any]:
-            return inner_ss(_checked_stream(requests, context), context)
-
-        return grpc.stream_stream_rpc_method_handler(stream_stream, parse, serialize)
+        for kind, factory in _FACTORIES.items():
+            behaviour = getattr(handler, kind)
+            if behaviour is not None:
+                return factory(_checked(behaviour, kind.startswith("stream")),
+                               _safe_deserializer(handler.request_deserializer),
+                               handler.response_serializer)
+        return handler

@@ -1,9 +1,11 @@
-"""Wiring: the grpc server, standard health and reflection services, auth, TLS, metrics, the
-model and the job manager. `longscribe serve` calls `serve(config)`."""
+"""Wiring: the asyncio gRPC server (on its own event-loop thread), standard health and
+reflection services, auth, TLS, metrics, the model and the job manager. `longscribe serve`
+calls `serve(config)`."""
 
 from __future__ import annotations
 
 import argparse
+import asyncio
 import faulthandler
 import logging
 import os
@@ -23,6 +25,7 @@ from longscribe.service.api import TranscriptionServicer
 from longscribe.service.auth import BearerAuthInterceptor, load_tokens
 from longscribe.service.datadir_lock import DataDirBusy, DataDirLock
 from longscribe.service.jobs import JobManager
+from longscribe.service.loop_thread import LoopThread
 from longscribe.service.malformed import MalformedRequestInterceptor
 from longscribe.service.store import JobStore
 from longscribe.service.tls import NO_PORT_SHARING, add_port
@@ -34,7 +37,10 @@ log = logging.getLogger("longscribe")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TranscriptionService"].full_name
 UPLOAD_MESSAGE_LIMIT = 8 << 20  # uploads come in ~1 MiB chunks; leave headroom
 RESPONSE_MESSAGE_LIMIT = 256 << 20  # a result carries the transcript in four formats
-RPC_THREADS = 64  # each open WatchJob stream holds one
+# Streams and uploads wait on the event loop without a thread; past this many calls at once,
+# new ones get RESOURCE_EXHAUSTED instead of queueing forever.
+MAX_CONCURRENT_RPCS = 4096
+IO_THREADS = 32  # for the blocking parts of calls (SQLite, disk, DNS), see api.blocking
 
 
 class LongscribeServer:
@@ -47,16 +53,28 @@ class LongscribeServer:
         self.lock = DataDirLock(config.data_path)  # before the store: one server per directory
         self.store = JobStore(config.data_path / "jobs.sqlite3")
         self.manager = JobManager(config, self.store)
-        self.health = health.HealthServicer(experimental_non_blocking=True)
         self.engine: Any = None
         self.model_error: BaseException | None = None
         self.ready = threading.Event()
         self._metrics_server: Any = None
         self.tokens = load_tokens(config.auth_tokens, config.auth_tokens_file)
+        self.loop = LoopThread()
+        try:
+            self.port = self.loop.run(self._build())
+        except BaseException:
+            self.loop.close()
+            raise
+        self.lock.record(f"{config.host}:{self.port}")
+
+    async def _build(self) -> int:
+        """The server and its services; created on the loop's thread, which they belong to."""
+        config = self.config
+        asyncio.get_running_loop().set_default_executor(
+            futures.ThreadPoolExecutor(IO_THREADS, thread_name_prefix="rpc-io"))
+        self.health = health.aio.HealthServicer()
         interceptors = [BearerAuthInterceptor(self.tokens, open_health=config.auth_open_health),
                         MalformedRequestInterceptor()]
-        self.grpc_server = grpc.server(
-            futures.ThreadPoolExecutor(max_workers=RPC_THREADS, thread_name_prefix="rpc"),
+        self.grpc_server = grpc.aio.server(
             interceptors=interceptors,
             options=[
                 NO_PORT_SHARING,  # a second server on a busy port must fail, not share it
@@ -67,29 +85,31 @@ class LongscribeServer:
                 ("grpc.http2.min_ping_interval_without_data_ms", 10_000),
                 ("grpc.keepalive_permit_without_calls", 1),
             ],
-            # Past this, new calls get RESOURCE_EXHAUSTED instead of queueing forever.
-            maximum_concurrent_rpcs=RPC_THREADS * 4,
+            maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
         pb_grpc.add_TranscriptionServiceServicer_to_server(
             TranscriptionServicer(self.manager, config, self.tokens), self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
-        self.port = add_port(self.grpc_server, config.host, config.port, cert=config.tls_cert,
-                             key=config.tls_key, client_ca=config.tls_client_ca)
-        self.lock.record(f"{config.host}:{self.port}")
-        self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        port = add_port(self.grpc_server, config.host, config.port, cert=config.tls_cert,
+                        key=config.tls_key, client_ca=config.tls_client_ca)
+        await self._set_health_async(health_pb2.HealthCheckResponse.NOT_SERVING)
+        return port
+
+    async def _set_health_async(self, status: int) -> None:
+        for name in ("", SERVICE_NAME):
+            await self.health.set(name, status)
 
     def _set_health(self, status: int) -> None:
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, status)
+        self.loop.run(self._set_health_async(status))
 
     def start(self) -> None:
         if self.config.metrics_port:
             self._metrics_server, port = metrics.start_metrics_server(
                 self.config.metrics_port, self.config.host)
             log.info("metrics on http://%s:%d/metrics", self.config.host, port)
-        self.grpc_server.start()
+        self.loop.run(self.grpc_server.start())
         log.info("longscribe listening on %s:%d", self.config.host, self.port)
         threading.Thread(target=self._load_model, name="model-loader", daemon=True).start()
 
@@ -115,9 +135,10 @@ class LongscribeServer:
 
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, stop running jobs so they resume on restart, free everything."""
-        self.health.enter_graceful_shutdown()
+        self.loop.run(self.health.enter_graceful_shutdown())
         self.manager.shutdown(timeout=grace)
-        self.grpc_server.stop(grace).wait()
+        self.loop.run(self.grpc_server.stop(grace))
+        self.loop.close()
         if self.engine is not None:
             # A batch in flight cannot be interrupted; its thread is a daemon, so don't wait long.
             self.engine.stop(timeout=1.0)

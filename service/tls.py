@@ -111,7 +111,7 @@ def _address(host: str, port: int) -> str:
 
 
 def add_port(
-    server: grpc.Server,
+    server: grpc.Server | grpc.aio.Server,
     host: str,
     port: int,
     *,

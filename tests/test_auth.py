@@ -5,8 +5,7 @@ from __future__ import annotations
 
 import logging
 import socket
-from collections.abc import Callable, Iterator
-from concurrent import futures
+from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -26,6 +25,7 @@ from longscribe.service.auth import (
     peer_host,
     token_key,
 )
+from longscribe.service.loop_thread import LoopThread
 from longscribe.service.tls import add_port
 
 pytestmark = pytest.mark.timeout(60)
@@ -40,11 +40,12 @@ def _probe_service(tokens: frozenset[str] | None) -> grpc.GenericRpcHandler:
     """A raw-bytes test service: WhoAmI answers client_identity(); Count (client streaming)
     answers how many messages it got."""
 
-    def whoami(_request: bytes, context: grpc.ServicerContext) -> bytes:
+    async def whoami(_request: bytes, context: grpc.aio.ServicerContext) -> bytes:
         return client_identity(context, tokens=tokens).encode()
 
-    def count(requests: Iterator[bytes], _context: grpc.ServicerContext) -> bytes:
-        return str(sum(1 for _ in requests)).encode()
+    async def count(requests: AsyncIterator[bytes], _context: grpc.aio.ServicerContext
+                    ) -> bytes:
+        return str(len([r async for r in requests])).encode()
 
     return grpc.method_handlers_generic_handler(
         "longscribe.test.Probe",
@@ -63,29 +64,34 @@ def serving(
     host: str = "127.0.0.1",
     identity_tokens: frozenset[str] | None = None,
 ) -> Iterator[str]:
-    """A real server with the interceptor, health (SERVING), reflection and the probe service;
-    yields its target."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[BearerAuthInterceptor(tokens, open_health=open_health)],
-    )
-    health_servicer = health.HealthServicer()
-    health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
-    server.add_generic_rpc_handlers((_probe_service(identity_tokens),))
-    reflection.enable_server_reflection(
-        (
-            health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
-            reflection.SERVICE_NAME,
-        ),
-        server,
-    )
-    port = add_port(server, host, 0)
-    server.start()
+    """A real asyncio server (as `longscribe serve` runs) with the interceptor, health
+    (SERVING), reflection and the probe service; yields its target."""
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(tokens, open_health=open_health)])
+        health_servicer = health.aio.HealthServicer()
+        await health_servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+        server.add_generic_rpc_handlers((_probe_service(identity_tokens),))
+        reflection.enable_server_reflection(
+            (
+                health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+                reflection.SERVICE_NAME,
+            ),
+            server,
+        )
+        port = add_port(server, host, 0)
+        await server.start()
+        return server, port
+
+    loop = LoopThread("test-grpc")
+    server, port = loop.run(build())
     try:
         yield f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
     finally:
-        server.stop(grace=None)
+        loop.run(server.stop(grace=None))
+        loop.close()
 
 
 def _md(token: str | None) -> tuple[tuple[str, str], ...]:

@@ -14,6 +14,7 @@ from cryptography.hazmat.primitives import serialization
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 from longscribe.service.auth import BearerAuthInterceptor
+from longscribe.service.loop_thread import LoopThread
 from longscribe.service.tls import NO_PORT_SHARING, add_port, server_credentials
 
 from tests.conftest import ServerProcess
@@ -39,31 +40,38 @@ def tls_server(
     tokens: frozenset[str] = frozenset(),
     open_health: bool = True,
 ) -> Iterator[int]:
-    """A real TLS server (health SERVING + reflection) on 127.0.0.1; yields its port."""
-    server = grpc.server(
-        futures.ThreadPoolExecutor(max_workers=4),
-        interceptors=[BearerAuthInterceptor(tokens, open_health=open_health)],
-    )
-    servicer = health.HealthServicer()
-    servicer.set("", health_pb2.HealthCheckResponse.SERVING)
-    health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
-    reflection.enable_server_reflection(
-        (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-        server,
-    )
-    port = add_port(
-        server,
-        "127.0.0.1",
-        0,
-        cert=str(pki.server_cert),
-        key=str(pki.server_key),
-        client_ca=str(pki.ca_cert) if mtls else "",
-    )
-    server.start()
+    """A real asyncio TLS server (health SERVING + reflection) on 127.0.0.1, as
+    `longscribe serve` runs; yields its port."""
+
+    async def build() -> tuple[grpc.aio.Server, int]:
+        server = grpc.aio.server(
+            interceptors=[BearerAuthInterceptor(tokens, open_health=open_health)])
+        servicer = health.aio.HealthServicer()
+        await servicer.set("", health_pb2.HealthCheckResponse.SERVING)
+        health_pb2_grpc.add_HealthServicer_to_server(servicer, server)
+        reflection.enable_server_reflection(
+            (health_pb2.DESCRIPTOR.services_by_name["Health"].full_name,
+             reflection.SERVICE_NAME),
+            server,
+        )
+        port = add_port(
+            server,
+            "127.0.0.1",
+            0,
+            cert=str(pki.server_cert),
+            key=str(pki.server_key),
+            client_ca=str(pki.ca_cert) if mtls else "",
+        )
+        await server.start()
+        return server, port
+
+    loop = LoopThread("test-grpc")
+    server, port = loop.run(build())
     try:
         yield port
     finally:
-        server.stop(grace=None)
+        loop.run(server.stop(grace=None))
+        loop.close()
 
 
 def _check(target: str, creds: grpc.ChannelCredentials, timeout: float = 10) -> int:

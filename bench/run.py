@@ -337,6 +337,69 @@ def run_rss(device: str, work: Path, hours: float) -> dict[str, Any]:
 SIDES = ("baseline", "faster_whisper", "service")
 
 
+def measure_fairness(target: str, long_audio: Path, short_audio: Path,
+                     repeats: int = 3) -> dict[str, Any]:
+    """A short job alone, then the same submitted while a long job transcribes (the long job is
+    cancelled afterwards): median wall seconds of each and their ratio (target: at most 3)."""
+    import statistics
+
+    from longscribe.client.client import LongscribeClient
+    from longscribe.v1 import transcription_pb2 as pb
+
+    def short_run() -> tuple[float, str]:
+        result, seconds = transcribe_through_service(target, short_audio)
+        return seconds, result.text
+
+    short_run()  # the server's first job pays for lazy set-up; neither side should
+    alone = [short_run() for _ in range(repeats)]
+    with LongscribeClient(target, timeout=120) as client:
+        job = client.upload(long_audio)
+        deadline = time.monotonic() + 120
+        while True:  # until its windows are in the engine's batches
+            state = client.get(job.job_id)
+            if (state.state == pb.JOB_STATE_TRANSCRIBING
+                    and state.progress.audio_seconds_done > 0):
+                break
+            if state.state in (pb.JOB_STATE_SUCCEEDED, pb.JOB_STATE_FAILED,
+                               pb.JOB_STATE_CANCELLED) or time.monotonic() > deadline:
+                raise RuntimeError(f"the long job never transcribed: {state}")
+            time.sleep(0.2)
+        time.sleep(1.0)
+        during = []
+        for _ in range(repeats):
+            during.append(short_run())
+            time.sleep(0.5)  # the next short job arrives in the middle of a batch, not at its edge
+        still_running = client.get(job.job_id).state == pb.JOB_STATE_TRANSCRIBING
+        client.cancel(job.job_id)
+    alone_s = statistics.median(t for t, _ in alone)
+    during_s = statistics.median(t for t, _ in during)
+    return {
+        "short_audio": short_audio.name,
+        "long_audio_seconds": round(_duration(long_audio), 1),
+        "short_alone_seconds": round(alone_s, 3),
+        "short_during_long_seconds": round(during_s, 3),
+        "ratio": round(during_s / alone_s, 2),
+        "runs_alone": [round(t, 3) for t, _ in alone],
+        "runs_during_long": [round(t, 3) for t, _ in during],
+        "long_job_still_running": still_running,
+        "texts": sorted({text for _, text in alone + during}),
+    }
+
+
+def run_fairness(device: str, work: Path, minutes: float = 30.0) -> dict[str, Any]:
+    """jfk.flac alone and during a `minutes`-long job, on one server."""
+    from tests.conftest import JFK, free_port
+
+    long_audio = work / f"lj-fairness-{int(minutes)}min.flac"
+    tile(LJ, minutes, long_audio)
+    server = start_server(work, device, "fairness", free_port())
+    try:
+        return measure_fairness(server.target, long_audio, JFK)
+    finally:
+        server.stop()
+        long_audio.unlink()
+
+
 def table(report: dict[str, Any]) -> str:
     rows = [
         "| side | audio s | wall s | × real time | WER (LJ 234 s) | peak RSS MB | peak GPU MB |",
@@ -376,6 +439,11 @@ def table(report: dict[str, Any]) -> str:
                   f"`transcribe()` long-form {u['long']['wer'] * 100:.2f} %, "
                   f"service long-form {u['service']['wer'] * 100:.2f} % "
                   f"(gap to per clip {u['gap_service']:+.2f} points)"]
+    if "fairness" in report:
+        f = report["fairness"]
+        lines += ["", f"fairness: jfk.flac alone {f['short_alone_seconds']} s, submitted during "
+                      f"a {f['long_audio_seconds'] / 60:.0f}-minute job "
+                      f"{f['short_during_long_seconds']} s (ratio {f['ratio']}, target ≤ 3)"]
     if "rss" in report:
         r = report["rss"]
         lines += ["", f"server peak RSS: 10 min {r['rss_10min_mb']} MB, {r['rss_hours']} h "
@@ -394,6 +462,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--rss-hours", type=float, default=3.0)
     parser.add_argument("--no-uneven", dest="uneven", action="store_false",
                         help="skip the uneven-loudness mix")
+    parser.add_argument("--no-fairness", dest="fairness", action="store_false",
+                        help="skip the short-job-during-a-long-job measurement")
     parser.add_argument("--no-faster-whisper", dest="faster_whisper", action="store_false",
                         help="skip faster-whisper (the dev extra installs it)")
     for flag in ("--engine", "--compute-type", "--beam-size", "--model"):
@@ -443,6 +513,9 @@ def main(argv: list[str] | None = None) -> int:
         }
         if args.uneven:
             report["uneven"] = run_uneven(device, work)
+        if args.fairness:
+            report["fairness"] = run_fairness(device, work)
+            print(f"fairness: {report['fairness']}", file=sys.stderr)
         if args.rss:
             report["rss"] = run_rss(device, work, args.rss_hours)
             report["rss_10min_mb"] = report["rss"]["rss_10min_mb"]

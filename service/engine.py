@@ -109,6 +109,7 @@ class EngineStats:
     continuations: int = 0  # rows re-decoding the unconsumed tail of a window
     recoveries: int = 0  # rows decoding speech that no segment of its window covered
     oom_splits: int = 0  # batches halved after a CUDA out-of-memory
+    preemptions: int = 0  # batches run inside a running batch for jobs that had no row in it
     encode_s: float = 0.0  # worker seconds in log-mel + encoder
     decode_s: float = 0.0  # worker seconds in the decode loop
     align_s: float = 0.0  # worker seconds judging rows and aligning words
@@ -173,6 +174,7 @@ class _Job:
     on_progress: Callable[[float], None] | None = None
     reported_at: float = 0.0
     priority: int = 0  # higher: its windows are taken first when a batch is formed
+    served: int = 0  # rows taken into batches so far: the least-served job goes first
 
     @property
     def dead(self) -> bool:
@@ -202,7 +204,7 @@ class Engine:
         self.stats = EngineStats()
         self._cv = threading.Condition()
         self._jobs: list[_Job] = []
-        self._rr = 0
+        self._nested = False  # worker only: a preempting batch is running inside another
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._tokenizer = self.backend.tokenizer
@@ -325,7 +327,7 @@ class Engine:
                 self._process(batch)
 
     def _take_batch(self) -> list[_Item] | None:
-        """Up to batch_size items, round-robin over jobs; None when stopping."""
+        """Up to batch_size items, least-served jobs first; None when stopping."""
         with self._cv:
             while True:
                 if self._stopping:
@@ -334,30 +336,70 @@ class Engine:
                 if live:
                     break
                 self._cv.wait(0.2)
-            self._linger()
+            if len(self._newcomers(live)) == len(live):
+                self._linger()  # nobody is bypassed: let the batch fill
             live = [j for j in self._jobs if not j.dead and j.pending]
-            if not live:
-                return []
-            n = len(live)
-            start = self._rr % n
-            order = live[start:] + live[:start]
-            self._rr += 1
-            key = self._key(max(order, key=lambda j: j.priority).pending[0])
-            batch: list[_Item] = []
-            # highest priority first; round-robin among the jobs of one priority
-            for level in sorted({j.priority for j in order}, reverse=True):
-                jobs = [j for j in order if j.priority == level]
-                while len(batch) < self.batch_size:
-                    took = False
-                    for job in jobs:
-                        if job.pending and len(batch) < self.batch_size:
-                            if self._key(job.pending[0]) != key:
-                                continue
-                            batch.append(job.pending.popleft())
-                            took = True
-                    if not took:
-                        break
-            return batch
+            return self._fill(self._newcomers(live), self.batch_size)
+
+    def _newcomers(self, jobs: list[_Job]) -> list[_Job]:
+        """The jobs that have not yet had a batch's worth of rows, when some have (else all):
+        a newcomer's first windows go into a batch of their own instead of one filled with a
+        long job's windows, which would make the short job wait a whole full batch. Each job
+        gets this only for its first batch_size rows, so newcomers cannot starve a long job
+        unless they arrive faster than the engine serves them."""
+        fresh = [j for j in jobs if j.served < self.batch_size]
+        return fresh or jobs
+
+    def _fill(self, jobs: list[_Job], limit: int) -> list[_Item]:
+        """With the lock held: up to `limit` items from `jobs`. Highest priority first; within
+        a priority the job that has had the fewest rows decoded goes first, one window per job
+        per turn, so a short job's windows lead the next batch instead of queuing behind a long
+        job's, and jobs that arrive together still share batches (cross-job batching)."""
+        if not jobs:
+            return []
+        order = sorted(jobs, key=lambda j: (-j.priority, j.served))
+        key = self._key(order[0].pending[0])
+        batch: list[_Item] = []
+        for level in sorted({j.priority for j in order}, reverse=True):
+            turn = [j for j in order if j.priority == level]
+            while len(batch) < limit:
+                took = False
+                for job in turn:
+                    if job.pending and len(batch) < limit:
+                        if self._key(job.pending[0]) != key:
+                            continue
+                        batch.append(job.pending.popleft())
+                        job.served += 1
+                        took = True
+                if not took:
+                    break
+        return batch
+
+    def _preempt(self, running: list[_Item], budget: list[int]) -> None:
+        """A safe point inside a running batch (worker thread, lock not held): windows of jobs
+        that have no row in it (they arrived after it was formed), or of a higher priority, are
+        decoded now in a batch of their own, while the running batch waits. A CPU batch of 16
+        windows runs for many seconds; without this a short job waits for all of it, then
+        shares the next one. One level deep, and at most `budget[0]` rows per running batch, so
+        a long job arriving cannot stall the running batch for longer than one batch."""
+        if self._nested or budget[0] <= 0 or self._stopping:
+            return
+        inside = {id(it.job) for it in running}
+        top = max(it.job.priority for it in running)
+        with self._cv:
+            waiting = [j for j in self._jobs if not j.dead and j.pending
+                       and (j.priority > top or (id(j) not in inside and j.priority >= top))]
+            batch = self._fill(self._newcomers(waiting), budget[0])
+            if batch:
+                self.stats.preemptions += 1
+        if not batch:
+            return
+        budget[0] -= len(batch)
+        self._nested = True
+        try:
+            self._process(batch)
+        finally:
+            self._nested = False
 
     def _linger(self) -> None:
         """With the lock held: wait while the batch is short and feeders keep adding windows.
@@ -450,10 +492,23 @@ class Engine:
         audio = [it.state.window.samples[it.offset:it.end] for it in items]
         report = self._progress_reporter(items)
         report(0.0)
+        budget = [self.batch_size]  # rows that preempting batches may take from this one
+        paused = [0.0]  # seconds spent in preempting batches (their own stats count them)
+
+        def safe_point() -> None:
+            t = time.perf_counter()
+            self._preempt(items, budget)
+            paused[0] += time.perf_counter() - t
+
+        def encoded(fraction: float) -> None:
+            report(0.3 * fraction)
+            safe_point()
+
         t0 = time.perf_counter()
-        features = bd.encode(audio, lambda fraction: report(0.3 * fraction))
-        t1 = time.perf_counter()
+        features = bd.encode(audio, encoded)
         report(0.3)
+        safe_point()
+        t1, paused_encode = time.perf_counter(), paused[0]
         languages = ["en"] * len(items)
         if self.is_multilingual:
             unknown = [i for i, it in enumerate(items) if not it.job.options.language]
@@ -473,18 +528,21 @@ class Engine:
             nonlocal checks
             checks += 1
             report(min(0.9, 0.3 + 0.6 * checks / 20))  # most rows end within ~160 steps
+            safe_point()
             return all(j.dead for j in jobs)
 
         rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop)
-        t2 = time.perf_counter()
+        t2, paused_decode = time.perf_counter(), paused[0]
         # judge rows (and align words) outside the lock; apply the outcomes under it
-        outcomes = [None if it.job.dead else self._judge(it, row, features, i)
-                    for i, (it, row) in enumerate(zip(items, rows, strict=True))]
+        outcomes: list[_Outcome | None] = []
+        for i, (it, row) in enumerate(zip(items, rows, strict=True)):
+            outcomes.append(None if it.job.dead else self._judge(it, row, features, i))
+            safe_point()
         t3 = time.perf_counter()
         with self._cv:
-            self.stats.encode_s += t1 - t0
-            self.stats.decode_s += t2 - t1
-            self.stats.align_s += t3 - t2
+            self.stats.encode_s += t1 - t0 - paused_encode
+            self.stats.decode_s += t2 - t1 - (paused_decode - paused_encode)
+            self.stats.align_s += t3 - t2 - (paused[0] - paused_decode)
             self.stats.batches += 1
             self.stats.rows += len(items)
             if len({id(j) for j in jobs}) > 1:
@@ -494,7 +552,7 @@ class Engine:
                     it.state.language = lang
                     self._apply(it, outcome)
             self._cv.notify_all()
-        metrics.observe_window_batch(t3 - t0, len(items))
+        metrics.observe_window_batch(t3 - t0 - paused[0], len(items))
 
     def _progress_reporter(self, items: list[_Item]) -> Callable[[float], None]:
         """fraction of the batch done (an estimate) → each job's on_progress with the position

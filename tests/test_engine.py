@@ -440,5 +440,6 @@ def test_higher_priority_windows_are_taken_first(model, audio) -> None:
     assert len(high) == 4 and all("country" in transcript_text([r]).lower() for r in high)
     rows = [kind for batch in batches for kind in batch]
     first, last = rows.index("high"), len(rows) - 1 - rows[::-1].index("high")
-    # at most one low window in a batch formed while the high job's feeder was still adding
-    assert rows[first:last + 1].count("low") <= 1, batches
+    # at most one batch's low windows (one formed while the high job's feeder was still
+    # adding); round-robin puts one low window beside every high one (4)
+    assert rows[first:last + 1].count("low") <= 2, batches

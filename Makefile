@@ -6,7 +6,7 @@ STAMP   = $(VENV)/.installed
 HOST   ?= 127.0.0.1
 PORT   ?= 50051
 
-.PHONY: demo serve test test-fast proto bench lint deps clean
+.PHONY: demo serve test test-fast proto bench bench-live lint deps clean
 
 # ffmpeg and jemalloc (the server's allocator, see service/memory.py) come from the system
 # package manager when they are missing (Debian/Ubuntu, as root or through sudo).
@@ -46,6 +46,11 @@ proto: install
 
 bench: install
 	$(PY) -m bench.run $(BENCH_ARGS)
+
+# live audio: the LJSpeech reading at 1x real time (final latency, WER vs batch, drops), then
+# several streams at 4x (backpressure, drops, RSS, health); JSON to $(BENCH_OUT)
+bench-live: install
+	BENCH_OUT=$${BENCH_OUT:-bench/out/live.json} $(PY) -m bench.live $(BENCH_LIVE_ARGS)
 
 lint: install
 	$(VENV)/bin/ruff check .

@@ -21,6 +21,7 @@ from longscribe.v1 import transcription_pb2 as pb
 
 from .client import DEFAULT_TARGET, LongscribeClient, make_options, state_name, state_value
 from .errors import LongscribeError, status_code
+from .live import add_parser as add_live_parser
 from .output import FORMATS, transcript_text, write_transcript
 from .progress import MODES, make_progress
 from .render import event_line, job_details, jobs_table
@@ -445,6 +446,7 @@ def build_parser() -> argparse.ArgumentParser:
     conn = _connection_flags()
     _add_transcribe(sub, conn)
     _add_jobs(sub, conn)
+    add_live_parser(sub, conn, EXIT_HELP)
     # Listed for --help only: main() hands `serve ...` to run_serve before parsing.
     sub.add_parser(
         "serve",

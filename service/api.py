@@ -16,6 +16,7 @@ from longscribe.service import metrics
 from longscribe.service.auth import client_identity
 from longscribe.service.errors import JobError, bounded, exhausted, invalid
 from longscribe.service.jobs import JobManager, Source
+from longscribe.service.live.rpc import transcribe_live
 from longscribe.service.netguard import check_url
 from longscribe.service.paths import resolve_media_path
 from longscribe.service.uploads import UploadWriter
@@ -240,6 +241,17 @@ class TranscriptionServicer(pb_grpc.TranscriptionServiceServicer):
             jobs, token = await blocking(self.manager.list, request.states, request.page_size,
                                          request.page_token, self._owner(context))
             return pb.ListJobsResponse(jobs=jobs, next_page_token=token)
+
+    # --- live audio (service/live/rpc.py) ----------------------------------------------------
+
+    live: Any = None  # the LiveRuntime, set by the server once the model is loaded
+
+    async def TranscribeLive(self, request_iterator: AsyncIterator[pb.LiveRequest],
+                             context: grpc.aio.ServicerContext) -> AsyncIterator[pb.LiveEvent]:
+        async for event in transcribe_live(request_iterator, context, self.live,
+                                           client=self._client(context),
+                                           owner=self._owner(context)):
+            yield event
 
     async def CancelJob(self, request: pb.CancelJobRequest, context: grpc.aio.ServicerContext
                         ) -> pb.Job:

@@ -229,7 +229,7 @@ class JobManager:
             )
 
     def submit(self, source: Source, options: pb.TranscriptionOptions, *, request_id: str = "",
-               client: str = "", job_id: str | None = None) -> pb.Job:
+               client: str = "", job_id: str | None = None, run: bool = True) -> pb.Job:
         key = self._request_key(client, request_id)
         with self._lock:
             if request_id and key in self._by_request:  # a retry that raced the first call
@@ -258,7 +258,8 @@ class JobManager:
                 self._by_request[key] = row.job_id
             self._emit_progress(job, pb.JOB_STATE_QUEUED, force=True, message="queued")
             self._publish_state_counts()
-        self._enqueue(row.job_id)
+        if run:  # a live session's job is fed by its stream, not run by a worker
+            self._enqueue(row.job_id)
         log.info("job %s queued: %s %s", row.job_id, source.kind, source.value)
         return self._to_pb(job)
 
@@ -497,6 +498,30 @@ class JobManager:
         # Media is kept until the job ends (so a restart can resume); then it goes.
         shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
         shutil.rmtree(self.tmp_dir / job.row.job_id, ignore_errors=True)
+
+    # --- live sessions (service/live/): jobs fed by a TranscribeLive stream ------------------
+
+    def open_live(self, source: Source, options: pb.TranscriptionOptions, *, client: str
+                  ) -> pb.Job:
+        """A job for a live session: TRANSCRIBING at once, never queued for a worker (a
+        restart resumes it through run_pipeline, which ends it with its stored finals)."""
+        job = self.submit(source, options, client=client, run=False)
+        self._emit_progress(self._find(job.job_id), pb.JOB_STATE_TRANSCRIBING, force=True,
+                            message="live")
+        return self._to_pb(self._find(job.job_id))
+
+    def live_window(self, job_id: str, window: StoredWindow) -> None:
+        """A live final: stored with its segment events, like a finished window."""
+        self._window_done(self._find(job_id), window)
+
+    def finish_live(self, job_id: str, result: pb.Result | None, error: JobError | None
+                    ) -> None:
+        job = self._find(job_id)
+        if result is not None:
+            self._update(job, duration=result.duration_seconds)
+        state = (pb.JOB_STATE_SUCCEEDED if error is None else pb.JOB_STATE_CANCELLED
+                 if isinstance(error, Cancelled) else pb.JOB_STATE_FAILED)
+        self._finish(job, state, error, result)
 
     # --- helpers ----------------------------------------------------------------------------
 

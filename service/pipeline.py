@@ -54,6 +54,12 @@ class JobContext:
 
 def run_pipeline(ctx: JobContext) -> pb.Result:
     ctx.check_cancelled()
+    if ctx.row.source_kind == "live":
+        # a live session left open by a server that stopped: its stream is gone, so its job
+        # ends with the finals it stored (service/live/job.py)
+        from longscribe.service.live.job import stored_result
+
+        return stored_result(ctx.store, ctx.row.job_id, ctx.row.options.language or "en")
     base = DOWNLOAD_SHARE if ctx.row.source_kind == "url" else 0.0
     media, handle = _obtain_media(ctx)
     if handle is None:

@@ -54,6 +54,7 @@ class LongscribeServer:
         self.store = JobStore(config.data_path / "jobs.sqlite3")
         self.manager = JobManager(config, self.store)
         self.engine: Any = None
+        self.live: Any = None  # service/live/runtime.LiveRuntime, once the model is loaded
         self.model_error: BaseException | None = None
         self.ready = threading.Event()
         self._metrics_server: Any = None
@@ -87,8 +88,8 @@ class LongscribeServer:
             ],
             maximum_concurrent_rpcs=MAX_CONCURRENT_RPCS,
         )
-        pb_grpc.add_TranscriptionServiceServicer_to_server(
-            TranscriptionServicer(self.manager, config, self.tokens), self.grpc_server)
+        self.servicer = TranscriptionServicer(self.manager, config, self.tokens)
+        pb_grpc.add_TranscriptionServiceServicer_to_server(self.servicer, self.grpc_server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server)
@@ -124,6 +125,12 @@ class LongscribeServer:
             self.engine.start()
             warm_up_segmenter()  # before SERVING too: the first job is as fast as the second
             self.manager.start(self.engine)
+            from longscribe.service.live.job import ManagerJobs
+            from longscribe.service.live.runtime import LiveRuntime
+
+            self.live = LiveRuntime.from_config(self.engine, self.config,
+                                                ManagerJobs(self.manager))
+            self.servicer.live = self.live  # TranscribeLive is UNAVAILABLE until now
             log.info("model ready in %.1f s: %s engine, %s", time.monotonic() - started,
                      self.engine.name, self.engine.backend.describe())
             self._set_health(health_pb2.HealthCheckResponse.SERVING)
@@ -136,6 +143,8 @@ class LongscribeServer:
     def stop(self, grace: float = 5.0) -> None:
         """Stop accepting calls, stop running jobs so they resume on restart, free everything."""
         self.loop.run(self.health.enter_graceful_shutdown())
+        if self.live is not None:
+            self.live.stop()  # live sessions end (their jobs get what they transcribed)
         self.manager.shutdown(timeout=grace)
         self.loop.run(self.grpc_server.stop(grace))
         self.loop.close()

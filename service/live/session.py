@@ -125,6 +125,7 @@ class LiveSession:
         self._cancel = threading.Event()  # the session is being torn down: stop decoding
         self._idle = threading.Condition()
         self.error: JobError | None = None
+        self.on_fail: Callable[[JobError], None] | None = None  # told once, from any thread
         self.max_frame = int(limits.max_frame_seconds * SAMPLE_RATE)
         positions = positions or {}
         next_utterance = next_utterance or {}
@@ -154,24 +155,40 @@ class LiveSession:
 
     def push(self, name: str, data: bytes) -> None:
         """Check, decode and queue one frame. Raises JobError(INVALID_ARGUMENT) for a bad one.
-        With the "block" policy this waits for room: call it off the event loop then."""
+        With the "block" policy this waits for room (the RPC layer uses prepare/offer instead,
+        so no thread waits)."""
+        src, samples = self.prepare(name, data)
+        self.offer(src, samples)
+
+    def prepare(self, name: str, data: bytes) -> tuple[_Source, Any]:
+        """A frame checked and decoded, not yet queued."""
         src = self.source(name)
         samples = decode_frame(data, self.settings.encoding, self.max_frame)
         metrics.add_audio_bytes(len(data), source="live")
+        return src, samples
+
+    def offer(self, src: _Source, samples: Any, timeout: float | None = None) -> bool:
+        """Queue a decoded frame. False only with the "block" policy, when the queue had no
+        room within `timeout` (then nothing happened: offer it again)."""
         if src.closed or len(samples) == 0:
             if src.closed:
                 src.queue.dropped_frames += 1
                 src.queue.dropped_samples += len(samples)
                 metrics.add_live_dropped(1, "source_dropped")
-            return
+            return True
         now = time.monotonic()
-        with src.lock:  # timeline positions in arrival order, even with concurrent pushes
+        with src.lock:  # timeline positions in arrival order
             frame = Frame(src.next_sample, samples, now)
             src.next_sample += len(samples)
         try:
-            accepted = src.queue.put(frame)
+            accepted = src.queue.put(frame, timeout)
         except QueueClosed:
-            return  # the source was closed meanwhile
+            return True  # the source was closed meanwhile
+        if not accepted and src.queue.policy is OverflowPolicy.BLOCK:
+            with src.lock:  # not queued: its samples are offered again at the same position
+                src.next_sample -= len(samples)
+            self._status(src, 0)
+            return False
         drops = src.queue.take_drops()
         if drops:
             reason = "rejected" if not accepted and src.queue.policy is OverflowPolicy.REJECT \
@@ -179,6 +196,7 @@ class LiveSession:
             metrics.add_live_dropped(drops, reason)
         self._status(src, drops)
         self._schedule_pump(src)
+        return True
 
     @property
     def blocking(self) -> bool:
@@ -436,9 +454,12 @@ class LiveSession:
     def fail(self, error: JobError) -> None:
         """Stop everything (a bad frame, an engine failure): decodes are cancelled, queues
         closed; the RPC ends with `error`."""
-        if self.error is None:
+        first = self.error is None
+        if first:
             self.error = error
         self.close()
+        if first and self.on_fail is not None:
+            self.on_fail(error)
 
     def close(self) -> None:
         """Free everything: cancel decodes, close and empty every queue. Idempotent."""

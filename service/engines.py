@@ -49,8 +49,21 @@ def engine_name(config: Config) -> str:
     return "torch" if config.engine == "auto" else config.engine
 
 
-def create_engine(config: Config) -> Engine:
+def _remote(config: Config) -> Any:
+    """Not a batch decoder: the remote engine is a Transcriber of its own (its remote does the
+    decoding; rate limits, retries and the circuit breaker are its scheduler)."""
+    from .remote_engine import RemoteEngine, RemoteSettings
+
+    try:
+        return RemoteEngine(RemoteSettings.from_config(config))
+    except ValueError as exc:
+        raise ModelLoadError(str(exc)) from exc
+
+
+def create_engine(config: Config) -> Any:
     name = engine_name(config)
+    if name == "remote":
+        return _remote(config)
     if name not in BACKENDS:
         raise ModelLoadError(f"unknown engine {name!r}: use one of auto, {', '.join(BACKENDS)}")
     return Engine(BACKENDS[name](config), batch_size=config.batch_size or None)

@@ -133,6 +133,37 @@ class Metrics:
         self.job_queue_wait = Histogram(
             "longscribe_job_queue_wait_seconds", "From a job's submission to its start",
             buckets=_JOB_BUCKETS, registry=r)
+        # the remote engine: one remote per server, so no label names it (and none a job)
+        self.remote_requests = Counter(
+            "longscribe_remote_requests", "Requests to the remote transcription API by outcome "
+            "(ok, rate_limited, transient, rejected, cancelled)", ["outcome"], registry=r)
+        self.remote_request_seconds = Histogram(
+            "longscribe_remote_request_seconds", "Time of one request to the remote",
+            buckets=_PROCESS_BUCKETS, registry=r)
+        self.remote_failures = Counter(
+            "longscribe_remote_failures", "Requests the circuit breaker counted as failures "
+            "(5xx, timeouts, refused or broken connections)", registry=r)
+        self.remote_consecutive_failures = Gauge(
+            "longscribe_remote_consecutive_failures", "Failures in a row right now", registry=r)
+        self.remote_circuit_state = Gauge(
+            "longscribe_remote_circuit_state", "Circuit breaker of the remote: 1 for the state "
+            "it is in (closed, open, half_open)", ["state"], registry=r)
+        self.remote_circuit_opened = Counter(
+            "longscribe_remote_circuit_opened", "Times the circuit breaker opened", registry=r)
+        self.remote_in_flight = Gauge(
+            "longscribe_remote_in_flight", "Requests to the remote in flight", registry=r)
+        self.remote_queue_wait = Histogram(
+            "longscribe_remote_queue_wait_seconds", "Time a window waited for a request slot",
+            buckets=_WAIT_BUCKETS, registry=r)
+        self.remote_rate_limited_seconds = Counter(
+            "longscribe_remote_rate_limited_seconds", "Seconds requests waited for the token "
+            "bucket or a Retry-After", registry=r)
+        self.remote_degradation_level = Gauge(
+            "longscribe_remote_degradation_level", "Remote engine degradation step (0: full)",
+            registry=r)
+        self.remote_degradation_steps = Counter(
+            "longscribe_remote_degradation_steps", "Degradation steps taken, by direction",
+            ["direction"], registry=r)
         # live audio: bounded labels only (a session id would leave series behind forever)
         self.live_sessions = Gauge(
             "longscribe_live_sessions", "Open TranscribeLive sessions", registry=r)

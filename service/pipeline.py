@@ -222,7 +222,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
 
     reached = 0.0  # audio position of the last progress event
 
-    def report(position: float, windows_done: int) -> None:
+    def report(position: float, windows_done: int, message: str = "") -> None:
         """A progress event at this audio position (a finished window's end, or the engine's
         estimate inside a running batch); also called from the engine's worker thread."""
         nonlocal reached
@@ -240,6 +240,7 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
             chunk_index=windows_done,
             realtime_factor=rtf,
             eta_seconds=max(total - done, 0.0) / rtf if rtf > 0 and total else 0.0,
+            **({"message": message, "force": True} if message else {}),  # an engine's wait
         )
 
     def handle_total() -> float:
@@ -253,8 +254,8 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
         windows = Segmenter(method=ctx.config.vad).windows(stream.chunks())
         total_from_download = _length_estimate(ctx, stream)
 
-        def in_batch(position: float) -> None:
-            report(position, done_windows)
+        def in_batch(position: float, message: str = "") -> None:
+            report(position, done_windows, message)
 
         for done, was_stored in _merge_stored(windows, stored, ctx, options, in_batch):
             if not transcribing:

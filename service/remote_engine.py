@@ -193,6 +193,7 @@ class RemoteEngine:
         self._workers: list[threading.Thread] = []
         self._stopping = False
         self._in_flight: set[_Task] = set()
+        self._announcements: list[tuple[list[_Job], str]] = []  # degradation steps to tell
         for name in STATES:
             self.metrics.remote_circuit_state.labels(state=name).set(1 if name == "closed" else 0)
         self.metrics.remote_degradation_level.set(0)
@@ -327,10 +328,16 @@ class RemoteEngine:
                         break
                     # a free slot and no window waiting: the remote keeps up
                     self._degrade(self.degradation.observe(0.0, idle=True))
+                    if self._announcements:
+                        break  # tell the jobs first, then look again
                     self._cv.wait(TICK)
-                task.call = Call()
-                self._in_flight.add(task)
-                self.metrics.remote_in_flight.set(len(self._in_flight))
+                if task is not None:
+                    task.call = Call()
+                    self._in_flight.add(task)
+                    self.metrics.remote_in_flight.set(len(self._in_flight))
+            self._announce()
+            if task is None:
+                continue
             try:
                 task.result = self._transcribe(task)
             except Cancelled:
@@ -374,8 +381,15 @@ class RemoteEngine:
         else:
             message = f"remote engine stepped back up to level {level} ({LEVELS[level]})"
         log.info("%s", message)
-        for job in list(self._jobs):
-            self._notify(job, message)
+        # told once the lock is let go: a progress event writes to the job store
+        self._announcements.append((list(self._jobs), message))
+
+    def _announce(self) -> None:
+        with self._cv:
+            pending, self._announcements = self._announcements, []
+        for jobs, message in pending:
+            for job in jobs:
+                self._notify(job, message)
 
     def _circuit_changed(self, state: str) -> None:
         for name in STATES:

@@ -440,11 +440,25 @@ def test_remote_gone_past_the_bound(proxy: FaultProxy, proxied: Remote) -> None:
     assert proxied.metric("longscribe_remote_circuit_state", 'state="closed"') == 1.0
 
 
-def test_engine_refuses_missing_settings(tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "nourl", "--engine", "remote").start(wait=False)
-    assert server.proc is not None
-    assert server.proc.wait(timeout=120) != 0
-    assert "--engine remote needs --remote-url" in server.log()
+@pytest.mark.parametrize(("flags", "message"), [
+    ([], "--engine remote needs --remote-url"),
+    (["--remote-url", "http://127.0.0.1:9/v1"], "--engine remote needs --remote-model"),
+    (["--remote-url", "http://127.0.0.1:9/v1", "--remote-model", "m", "--remote-api-key-file",
+      "/nonexistent/key"], "--remote-api-key-file: cannot read it"),
+])
+def test_engine_refuses_missing_settings(flags: list[str], message: str) -> None:
+    """What `longscribe serve` would build from these flags: a clear refusal, no server."""
+    import argparse
+
+    from longscribe.service import config as config_module
+    from longscribe.service.engines import create_engine
+    from longscribe.service.models import ModelLoadError
+
+    parser = argparse.ArgumentParser()
+    config_module.add_arguments(parser)
+    config = config_module.from_namespace(parser.parse_args(["--engine", "remote", *flags]))
+    with pytest.raises(ModelLoadError, match=re.escape(message)):
+        create_engine(config)
 
 
 # --- units on a fake clock -------------------------------------------------------------------

@@ -246,6 +246,8 @@ def test_server_restart_sends_no_stored_window_again(direct: Remote) -> None:
     assert job.chunks_reused >= 3
     sent = direct.metric("longscribe_remote_requests_total", 'outcome="ok"')
     assert sent == job.chunks_total - job.chunks_reused, (sent, job)
+    print(f"restart: {job.chunks_reused} of {job.chunks_total} windows reused, {sent:.0f} sent "
+          "after the restart")
 
 
 # --- through the proxy: key, limits, retries, slowness, cancel, a remote gone ------------------
@@ -357,6 +359,7 @@ def test_degrades_under_a_slow_peer_and_recovers(proxy: FaultProxy, proxied: Rem
     log = proxy.requests()[first:]
     assert log[0].words and log[0].temperature is None  # full service at first
     assert any(r.temperature == "0.0" for r in log)  # step 1 reached the peer
+    assert any(not r.words for r in log)  # and step 2
     deadline = time.monotonic() + 20
     while proxied.metric("longscribe_remote_degradation_level") > 0:
         assert time.monotonic() < deadline, "never stepped back up"

@@ -484,7 +484,6 @@ class RemoteEngine:
             self.metrics.remote_requests.labels(outcome="transient").inc()
             self.metrics.remote_failures.inc()
             self.circuit.failure(str(exc), probe)
-            self.metrics.remote_consecutive_failures.set(self.circuit.failures)
             log.info("remote %s: window %s: %s", self.url, task.window.index, exc)
             raise
         except RateLimited as exc:
@@ -498,6 +497,11 @@ class RemoteEngine:
             self.metrics.remote_requests.labels(outcome="rejected").inc()
             self.circuit.success(probe)
             raise self._rejected_error(exc) from exc
+        except BaseException:
+            self.circuit.release(probe)  # a bug of ours: the next request may probe
+            raise
+        finally:
+            self.metrics.remote_consecutive_failures.set(self.circuit.failures)
         self.metrics.remote_requests.labels(outcome="ok").inc()
         self.circuit.success(probe)
         self.metrics.remote_consecutive_failures.set(0)

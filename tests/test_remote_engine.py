@@ -33,8 +33,6 @@ from tests.conftest import (
 )
 from tests.remote_proxy import FaultProxy
 
-pytest.importorskip("faster_whisper_server")
-
 MODEL = "tiny.en"  # the peer's name for the offline model (its config file maps it)
 KEY = "sk-longscribe-test"
 

@@ -418,3 +418,67 @@ def test_unwritable_destination_is_a_clear_error(server: LocalServer, tmp_path: 
     blocker.write_text("not a folder")
     err = _fails(server.url_for("jfk.mp3"), blocker / "sub")
     assert err.code == grpc.StatusCode.INTERNAL and "download folder" in err.message
+
+
+# -- the source registry ------------------------------------------------------------------------
+
+class _LocalFileSource(fetch.Source):
+    """A second source type, as a new module would add one: `localfile:///path` copies a local
+    file in 16 kB pieces; its first attempt fails with a transient error."""
+
+    attempts = 0
+
+    @classmethod
+    def check(cls, url: str, options: object) -> None:
+        if not Path(url.removeprefix("localfile://")).is_file():
+            raise JobError(grpc.StatusCode.NOT_FOUND, f"no such file: {url}")
+
+    def attempt(self) -> Path:
+        type(self).attempts += 1
+        if type(self).attempts == 1:
+            raise OSError("the disk blinked")
+        source = Path(self.session.url.removeprefix("localfile://"))
+        out = self.session.work / f"media{source.suffix}"
+        data = source.read_bytes()
+        with out.open("wb") as f:
+            for start in range(0, len(data), 16_384):
+                f.write(data[start:start + 16_384])
+                self.session.report(min(start + 16_384, len(data)), len(data), None, None, None)
+        return out
+
+    def classify(self, error: BaseException) -> JobError:
+        return fetch.Transient(f"reading {self.session.url} failed: {error}")
+
+    def abort(self) -> None:
+        pass  # every piece goes through session.report, which sees the stop
+
+
+@pytest.fixture
+def local_source(monkeypatch: pytest.MonkeyPatch) -> type[_LocalFileSource]:
+    monkeypatch.setitem(fetch.SOURCES, "localfile", _LocalFileSource)
+    monkeypatch.setattr(_LocalFileSource, "attempts", 0)
+    return _LocalFileSource
+
+
+def test_a_registered_source_gets_retries_limits_and_cleanup(
+    local_source: type[_LocalFileSource], media: Path, tmp_path: Path
+) -> None:
+    url = f"localfile://{media / 'jfk.mp3'}"
+    seen: list[fetch.FetchProgress] = []
+    path = _get(url, tmp_path / "a", retries=1, on_progress=seen.append)
+    assert path == tmp_path / "a" / "download.mp3"
+    assert path.read_bytes() == (media / "jfk.mp3").read_bytes()
+    assert local_source.attempts == 2 and seen[-1].fraction == 1.0
+    assert list((tmp_path / "a").iterdir()) == [path]  # its work folder is gone
+    err = _fails(url, tmp_path / "b", max_bytes=20_000)
+    assert err.code == grpc.StatusCode.RESOURCE_EXHAUSTED and "20,000 bytes" in err.message
+    err = _fails("localfile:///no/such.mp3", tmp_path / "c")
+    assert err.code == grpc.StatusCode.NOT_FOUND
+
+
+def test_unregistered_scheme_names_the_ones_served(
+    local_source: type[_LocalFileSource], tmp_path: Path
+) -> None:
+    err = _fails("ftp://127.0.0.1/a.mp3", tmp_path)
+    assert err.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "only http://, https:// and localfile:// URLs" in err.message, err.message

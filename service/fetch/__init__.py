@@ -33,7 +33,7 @@ retries, cancellation, cleanup and reading while it downloads come from the pack
 """
 
 from longscribe.service.fetch.download import download, start_download
-from longscribe.service.fetch.retry import RetryPolicy
+from longscribe.service.fetch.retry import RetryPolicy, Transient
 from longscribe.service.fetch.session import FetchProgress, Source
 from longscribe.service.fetch.sources import SOURCES
 from longscribe.service.fetch.stream import DownloadHandle
@@ -46,6 +46,7 @@ __all__ = [
     "FetchProgress",
     "RetryPolicy",
     "Source",
+    "Transient",
     "download",
     "start_download",
 ]

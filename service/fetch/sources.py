@@ -24,7 +24,9 @@ def source_for(url: str) -> type[Source]:
     source = SOURCES.get(scheme)
     if source is None:
         shown = f"{scheme}:" if scheme else "no scheme"
-        served = " and ".join(f"{s}://" for s in SOURCES)
+        schemes = [f"{s}://" for s in SOURCES]
+        served = " and ".join([", ".join(schemes[:-1]), schemes[-1]] if len(schemes) > 1
+                              else schemes)
         raise JobError(
             grpc.StatusCode.INVALID_ARGUMENT,
             f"only {served} URLs can be fetched, not {shown} ({url[:200]!r})",

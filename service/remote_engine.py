@@ -39,7 +39,7 @@ import grpc
 from tenacity import Retrying, retry_if_exception_type, stop_after_delay, wait_random_exponential
 
 from . import metrics
-from .circuit import STATES, CircuitBreaker
+from .circuit import CLOSED, STATES, CircuitBreaker
 from .errors import Cancelled, JobError
 from .remote_http import (
     Aborted,
@@ -195,7 +195,7 @@ class RemoteEngine:
         self._in_flight: set[_Task] = set()
         self._announcements: list[tuple[list[_Job], str]] = []  # degradation steps to tell
         for name in STATES:
-            self.metrics.remote_circuit_state.labels(state=name).set(1 if name == "closed" else 0)
+            self.metrics.remote_circuit_state.labels(state=name).set(1 if name == CLOSED else 0)
         self.metrics.remote_degradation_level.set(0)
 
     def describe(self) -> str:
@@ -398,7 +398,7 @@ class RemoteEngine:
             self.metrics.remote_circuit_opened.inc()
             log.warning("remote %s: circuit open after %d failures in a row (%s)", self.url,
                         self.circuit.failures, self.circuit.last_error)
-        elif state == "closed":
+        elif state == CLOSED:
             log.info("remote %s: circuit closed", self.url)
 
     # --- one window ----------------------------------------------------------------------------
@@ -435,6 +435,8 @@ class RemoteEngine:
         exc = retry_state.outcome.exception() if retry_state.outcome else None
         if isinstance(exc, RateLimited) and exc.retry_after is not None:
             return exc.retry_after  # the bucket is paused for as long: every request waits
+        if self.circuit.state != CLOSED:
+            return 0.0  # the circuit paces the retries now (and the job is told it waits)
         return float(wait_random_exponential(multiplier=0.5, max=8.0)(retry_state))
 
     def _sleep(self, job: _Job, seconds: float) -> None:

@@ -24,6 +24,9 @@ same methods for code that wants its own registry):
   longscribe_live_final_latency_seconds: a source's last speech received → its final sent)
 - collected at scrape time: longscribe_process_resident_memory_bytes (psutil) and, when torch is
   loaded with CUDA, longscribe_gpu_memory_{allocated,reserved,max_allocated}_bytes{device}
+- the remote engine (service/remote_engine.py) sets its longscribe_remote_* series on the
+  instance directly: requests by outcome, request time, failures, the circuit's state and
+  openings, in-flight requests, queue wait, rate-limit waits, degradation level and steps
 - `start_metrics_server(port, addr="127.0.0.1", metrics=None) -> (server, actual_port)`:
   /metrics over HTTP in a daemon thread (port 0 picks a free one); stop it with
   `stop_metrics_server(server)`.

@@ -300,7 +300,7 @@ def test_429_retry_after_and_500_are_retried(proxy: FaultProxy, proxied: Remote)
     log = proxy.requests()[first:]
     assert [r.status for r in log] == [429, 500, 200], log
     delay = log[1].arrived - log[0].ended
-    assert 2.0 <= delay < 4.0, delay  # Retry-After honoured, and not much more
+    assert 2.0 <= delay < 5.0, delay  # Retry-After honoured, and not much more
     assert proxied.metric("longscribe_remote_requests_total", 'outcome="rate_limited"') >= 1
     assert proxied.metric("longscribe_remote_requests_total", 'outcome="transient"') >= 1
     print(f"429 Retry-After 2: next request {delay:.2f} s later")

@@ -18,6 +18,7 @@ import os
 import queue
 import re
 import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -235,29 +236,34 @@ def cmd_live(ns: argparse.Namespace, client: LongscribeClient) -> int:
         options=make_options(ns.language, None, ns.prompt), session_id=ns.session or "",
         overflow=ns.overflow, no_partials=ns.no_partials)
     printer = LivePrinter(sys.stdout, sys.stderr, ns.json, len(sources) > 1)
-    interrupted = False
     call = open_call(client, config, feed)
-    while True:
-        try:
-            event = next(call)
-        except StopIteration:
-            break
-        except grpc.RpcError as err:
+    interrupts = 0
+
+    def on_interrupt(_signum: int, _frame: Any) -> None:
+        # a handler, not KeyboardInterrupt: an exception raised inside the call's wait would
+        # leave gRPC's receive half-done and the call unusable
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:  # close our side: the server sends the last finals, then end
             feed.stop.set()
-            raise LongscribeError.from_rpc(err, tls=client.tls) from err
-        except KeyboardInterrupt:
-            if interrupted:  # the second Ctrl-C: leave now
-                feed.stop.set()
-                call.cancel()
-                print("\nlongscribe: interrupted", file=sys.stderr)
-                return 130
-            interrupted = True
-            feed.stop.set()  # closes our side: the server sends the last finals, then end
-            print("\nlongscribe: stopping: waiting for the last finals (Ctrl-C again to "
-                  "quit now)", file=sys.stderr, flush=True)
-            continue
-        printer.event(event)
-    return 130 if interrupted else 0
+            print("\nlongscribe: stopping: waiting for the last finals (Ctrl-C again to quit "
+                  "now)", file=sys.stderr, flush=True)
+        else:
+            call.cancel()
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    try:
+        for event in call:
+            printer.event(event)
+    except grpc.RpcError as err:
+        feed.stop.set()
+        if interrupts > 1 and err.code() == grpc.StatusCode.CANCELLED:
+            print("longscribe: interrupted", file=sys.stderr)
+            return 130
+        raise LongscribeError.from_rpc(err, tls=client.tls) from err
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    return 130 if interrupts else 0
 
 
 def add_parser(sub: Any, conn: argparse.ArgumentParser, epilog: str) -> None:

@@ -218,29 +218,27 @@ def test_two_sources_are_kept_apart(runtime: LiveRuntime) -> None:
 
 def test_overflow_drops_the_oldest_audio_and_a_source_that_keeps_overflowing_is_closed(
         runtime: LiveRuntime, lj_audio: np.ndarray) -> None:
-    limits = LiveLimits(queue_seconds=1.0, drop_source_after=1.0)
+    limits = LiveLimits(queue_seconds=4.0, drop_source_after=1.0)
     session, events = open_session(runtime, ["fast", "calm"], limits=limits)
     jfk = whisper.audio.load_audio(str(JFK))
-    # "fast" sends 40 s of audio at 20x real time: far more than the engine keeps up with
-    start = time.monotonic()
-    for i in range(0, 40 * SR, FRAME):
-        session.push("fast", s16(lj_audio[i:i + FRAME]))
-        if i < len(jfk):
-            session.push("calm", s16(jfk[i:i + FRAME]))
-        delay = start + (i + FRAME) / SR / 20 - time.monotonic()
-        if delay > 0:
-            time.sleep(delay)
+    # "fast" sends 60 s of audio at 30x real time, far more than the engine keeps up with;
+    # "calm" sends JFK at real time meanwhile
+    fast = threading.Thread(target=feed, args=(session, "fast", lj_audio[:60 * SR], 30.0))
+    fast.start()
+    feed(session, "calm", jfk, 1.0)
+    fast.join()
     assert session.finish(timeout=120)
     runtime.end(session, detach=False)
     status = [s for s in events.of("status") if s.source == "fast"]
     states = [s.state for s in status]
     assert pb.LIVE_SOURCE_DROPPING in states
-    dropping = [s for s in status if s.state == pb.LIVE_SOURCE_DROPPING]
-    assert dropping[-1].dropped_seconds > 1.0 and dropping[-1].dropped_frames > 10
+    # dropping was said at once and repeated while it lasted; the source was closed after
+    # drop_source_after, and that last status has the totals
     assert states[-1] == pb.LIVE_SOURCE_DROPPED and "overflowing" in status[-1].message
+    assert status[-1].dropped_seconds > 1.0 and status[-1].dropped_frames > 10
     # the dropped audio is the oldest: what reached the engine is the newest
-    fast = session.sources["fast"]
-    assert fast.queue.dropped_seconds > 1.0 and fast.closed
+    closed = session.sources["fast"]
+    assert closed.queue.dropped_seconds > 1.0 and closed.closed
     # the other source went on and was transcribed
     calm = " ".join(f.text for f in events.of("final") if f.source == "calm")
     assert wer(jfk_text(), calm) <= 0.1, calm
@@ -256,7 +254,7 @@ def test_reject_policy_refuses_new_frames(runtime: LiveRuntime, lj_audio: np.nda
     src = session.sources["mic"]
     assert src.queue.dropped_frames > 0 and src.queue.queue.rejected > 0
     statuses = events.of("status")
-    assert statuses and "refused" in statuses[0].message
+    assert any(s.state == pb.LIVE_SOURCE_DROPPING and "refused" in s.message for s in statuses)
     runtime.end(session, detach=False)
 
 
@@ -286,9 +284,8 @@ def test_reading_transcribed_at_real_time_pace_has_low_final_latency(
     assert latencies and max(latencies) < 5.0, latencies
     partials = events.of("partial")
     for f in finals:
-        if f.end - f.start >= 3.0:  # a partial at least every second or so of speech
-            ps = [p for p in partials if p.utterance == f.utterance]
-            assert len(ps) >= (f.end - f.start) // 2, (f, ps)
+        if f.end - f.start >= 3.0:  # partials while it was spoken (bench-live: their cadence)
+            assert [p for p in partials if p.utterance == f.utterance], f
     for p in partials:  # a partial belongs to an utterance whose final came later
         assert any(f.utterance == p.utterance and f.start <= p.start + 0.01 for f in finals)
     assert session.dropped_frames == 0

@@ -11,7 +11,6 @@ from __future__ import annotations
 import itertools
 import logging
 import queue
-import shutil
 import threading
 import time
 import uuid
@@ -21,24 +20,23 @@ from pathlib import Path
 from typing import Any, Protocol
 
 import grpc
-from google.protobuf.timestamp_pb2 import Timestamp
 from longscribe.service import memory, metrics
 from longscribe.service.errors import (
     Cancelled,
     JobError,
-    bounded,
     exhausted,
     invalid,
     redact_paths,
 )
+from longscribe.service.job_files import JobFiles
+from longscribe.service.job_messages import error_message, job_message, timestamp
+from longscribe.service.job_progress import ProgressGate
 from longscribe.service.pipeline import JobContext, check_model_options, run_pipeline
 from longscribe.service.store import TERMINAL_STATES, JobRow, JobStore, StoredWindow
 from longscribe.v1 import transcription_pb2 as pb
 
 log = logging.getLogger(__name__)
 
-# Progress events are rate-limited per job so a long job's log stays small.
-PROGRESS_INTERVAL_S = 0.25
 # Handed to every watcher when the server stops: the job resumes after a restart.
 WATCH_SHUTDOWN = object()
 EVENT_PAGE = 256  # events read from the log per call when a watcher catches up
@@ -64,9 +62,7 @@ class _Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     cancel_reason: str = ""
     subscribers: list[EventSink] = field(default_factory=list)
-    last_progress_at: float = 0.0
-    max_percent: float = 0.0
-    phase_floor: int = 0  # the furthest phase of this run: phases only move forward
+    progress: ProgressGate = field(default_factory=ProgressGate)
     started_at: float | None = None  # monotonic start of the current run
 
 
@@ -86,16 +82,6 @@ def _same_request(row: JobRow, source: Source, options: pb.TranscriptionOptions)
         options.SerializeToString(deterministic=True)
 
 
-def _now_ts(seconds: float | None = None) -> Timestamp:
-    ts = Timestamp()
-    ts.FromNanoseconds(int((time.time() if seconds is None else seconds) * 1e9))
-    return ts
-
-
-def _error_pb(code: grpc.StatusCode, message: str) -> pb.Error:
-    return pb.Error(code=code.value[0], code_name=code.name, message=bounded(message))
-
-
 class JobManager:
     def __init__(self, config: Any, store: JobStore, runner: Callable[[JobContext], pb.Result]
                  = run_pipeline) -> None:
@@ -112,10 +98,7 @@ class JobManager:
         self._workers: list[threading.Thread] = []
         self._closing = False
         self._engine: Any = None
-        self.jobs_dir = Path(config.data_dir) / "jobs"
-        self.tmp_dir = Path(config.data_dir) / "tmp"
-        self.jobs_dir.mkdir(parents=True, exist_ok=True)
-        self.tmp_dir.mkdir(parents=True, exist_ok=True)
+        self.files = JobFiles(config.data_dir)
         # Unfinished jobs found in the store, resumed by start(); jobs submitted while the
         # model loads are queued by submit() itself and must not be queued again there.
         self._resume: list[str] = []
@@ -124,17 +107,14 @@ class JobManager:
                 row.result = None  # loaded on demand: results can be large
             else:
                 self._resume.append(row.job_id)
-            self._jobs[row.job_id] = _Job(row=row, max_percent=self._percent_of(row))
+            percent = row.progress.percent if row.progress else 0.0
+            self._jobs[row.job_id] = _Job(row=row, progress=ProgressGate(max_percent=percent))
             if row.request_id:
                 self._by_request[self._request_key(row.client, row.request_id)] = row.job_id
-        self._remove_leftovers()
+        self.files.remove_leftovers(keep=self._holds_files)
         self._janitor = threading.Thread(target=self._janitor_loop, name="janitor", daemon=True)
         self._janitor_stop = threading.Event()
         self._publish_state_counts()
-
-    @staticmethod
-    def _percent_of(row: JobRow) -> float:
-        return row.progress.percent if row.progress else 0.0
 
     # --- lifecycle --------------------------------------------------------------------------
 
@@ -186,7 +166,7 @@ class JobManager:
         return uuid.uuid4().hex
 
     def job_dir(self, job_id: str) -> Path:
-        return self.jobs_dir / job_id
+        return self.files.job_dir(job_id)
 
     @staticmethod
     def _request_key(client: str, request_id: str) -> str:
@@ -365,15 +345,15 @@ class JobManager:
     def _run(self, job: _Job) -> None:
         job_id = job.row.job_id
         started = job.started_at = time.monotonic()
-        job.phase_floor = 0  # a resumed job walks its phases again
+        job.progress.restart()
         metrics.observe_job_started(time.time() - job.row.created)
         ctx = JobContext(
             row=job.row,
             config=self.config,
             engine=self._engine,
             store=self.store,
-            job_dir=self.job_dir(job_id),
-            tmp_dir=self.tmp_dir / job_id,
+            job_dir=self.files.job_dir(job_id),
+            tmp_dir=self.files.scratch_dir(job_id),
             cancel=job.cancel,
             set_phase=lambda phase, **kw: self._emit_progress(job, phase, force=True, **kw),
             progress=lambda phase, **kw: self._emit_progress(job, phase, **kw),
@@ -398,7 +378,7 @@ class JobManager:
             self._finish(job, pb.JOB_STATE_SUCCEEDED, None, result)
             log.info("job %s succeeded in %.1f s", job_id, time.monotonic() - started)
         finally:
-            shutil.rmtree(self.tmp_dir / job_id, ignore_errors=True)
+            self.files.remove_scratch(job_id)
             memory.release_free_memory()
 
     # --- events -----------------------------------------------------------------------------
@@ -412,7 +392,7 @@ class JobManager:
 
     def _new_event(self, job: _Job, offset: int, **payload: Any) -> pb.JobEvent:
         return pb.JobEvent(index=job.row.event_count + offset, job_id=job.row.job_id,
-                           time=_now_ts(), state=job.row.state, **payload)
+                           time=timestamp(), state=job.row.state, **payload)
 
     def _publish(self, job: _Job, events: list[pb.JobEvent]) -> None:
         job.row.event_count += len(events)
@@ -434,19 +414,12 @@ class JobManager:
         with self._lock:
             if job.row.state in TERMINAL_STATES:
                 return
-            # a download thread may report a phase the pipeline has moved past: never go back
-            phase = max(phase, job.phase_floor)
-            job.phase_floor = phase
-            now = time.monotonic()
-            changed = phase != job.row.state
-            if not (force or changed) and now - job.last_progress_at < PROGRESS_INTERVAL_S:
+            admitted = job.progress.admit(phase, fields.pop("percent", 0.0), job.row.state, force)
+            if admitted is None:
                 return
-            job.last_progress_at = now
-            # Percent never goes down within a job, whatever a phase reports.
-            percent = max(job.max_percent, min(100.0, float(fields.pop("percent", 0.0))))
-            job.max_percent = percent
+            phase, percent = admitted
             progress = pb.Progress(phase=phase, percent=percent, **fields)
-            if changed:
+            if phase != job.row.state:
                 job.row.state = phase
                 self._publish_state_counts()
             job.row.progress = progress
@@ -488,7 +461,7 @@ class JobManager:
                 self._emit(job, result=result)
             else:
                 assert error is not None
-                self._emit(job, error=_error_pb(error.code, error.message))
+                self._emit(job, error=error_message(error.code, error.message))
             job.subscribers.clear()
             self._publish_state_counts()
         metrics.observe_job_finished(
@@ -496,8 +469,7 @@ class JobManager:
             time.monotonic() - job.started_at if job.started_at is not None else 0.0,
             error.code.name if error is not None and state == pb.JOB_STATE_FAILED else "")
         # Media is kept until the job ends (so a restart can resume); then it goes.
-        shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
-        shutil.rmtree(self.tmp_dir / job.row.job_id, ignore_errors=True)
+        self.files.remove(job.row.job_id)
 
     # --- live sessions (service/live/): jobs fed by a TranscribeLive stream ------------------
 
@@ -535,28 +507,7 @@ class JobManager:
         return job
 
     def _to_pb(self, job: _Job) -> pb.Job:
-        row = job.row
-        message = pb.Job(
-            job_id=row.job_id,
-            state=row.state,
-            source=f"{row.source_kind}:{row.source}",
-            options=row.options,
-            request_id=row.request_id or "",
-            create_time=_now_ts(row.created),
-            update_time=_now_ts(row.updated),
-            event_count=row.event_count,
-            chunks_total=row.chunks_total,
-            chunks_done=row.chunks_done,
-            chunks_reused=row.chunks_reused,
-            duration_seconds=row.duration,
-        )
-        if row.progress is not None:
-            message.progress.CopyFrom(row.progress)
-        if row.error_code:
-            code = next((c for c in grpc.StatusCode if c.value[0] == row.error_code),
-                        grpc.StatusCode.UNKNOWN)
-            message.error.CopyFrom(_error_pb(code, row.error_message))
-        return message
+        return job_message(job.row)
 
     def _publish_state_counts(self) -> None:
         counts: dict[str, int] = {pb.JobState.Name(s): 0 for s in pb.JobState.values()}
@@ -564,15 +515,10 @@ class JobManager:
             counts[pb.JobState.Name(job.row.state)] += 1
         metrics.set_jobs_by_state(counts)
 
-    def _remove_leftovers(self) -> None:
-        """Start-up janitor: files of jobs that no longer exist, and every decode temp dir
-        (a crash can leave them; resumed jobs decode again anyway)."""
-        for path in self.tmp_dir.iterdir():
-            shutil.rmtree(path, ignore_errors=True)
-        for path in self.jobs_dir.iterdir():
-            job = self._jobs.get(path.name)
-            if job is None or job.row.state in TERMINAL_STATES:
-                shutil.rmtree(path, ignore_errors=True)
+    def _holds_files(self, job_id: str) -> bool:
+        """Whether a job's media must stay: it is unfinished, so a restart resumes it."""
+        job = self._jobs.get(job_id)
+        return job is not None and job.row.state not in TERMINAL_STATES
 
     def _janitor_loop(self) -> None:
         """Expire finished jobs (rows, events, files) after the retention period."""
@@ -593,7 +539,7 @@ class JobManager:
                                          None)
         for job in expired:
             self.store.delete_job(job.row.job_id)
-            shutil.rmtree(self.job_dir(job.row.job_id), ignore_errors=True)
+            self.files.remove(job.row.job_id)
         if expired:
             log.info("expired %d finished jobs", len(expired))
             self._publish_state_counts()

@@ -29,8 +29,8 @@ _M_MMAP_THRESHOLD = -3
 # Blocks from 4 MiB up (encoder activations, cross-attention keys and values) get their own
 # mapping, handed back on free; a fixed threshold also stops glibc raising it as such blocks
 # are freed, which is what let them pile up in a fragmented heap on long jobs. Smaller
-# blocks stay in the heap and are reused: at 1 MiB the encoder's 1-4 MB activations were
-# mapped and zeroed afresh for every window (~15 % slower; 10 min of speech, 2 cores).
+# blocks stay in the heap and are reused: a lower threshold maps and zeroes the encoder's
+# 1-4 MB activations afresh for every window.
 MMAP_THRESHOLD = 4 << 20
 
 

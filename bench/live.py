@@ -279,6 +279,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/live.json"))
     args = parser.parse_args(argv)
     pcm = load_pcm(LJ)
+    load_before = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="bench-live-") as tmp:
         server = ServerProcess(Path(tmp) / "data", "--log-level", "WARNING").start(timeout=300)
         try:
@@ -290,6 +291,10 @@ def main(argv: list[str] | None = None) -> int:
             code = server.stop()
     report = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
+        # the CPU's 1/5/15-minute load before and after: other work on a shared machine
+        # competes with the server's (latency most of all)
+        "load_average_before": [round(x, 2) for x in load_before],
+        "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "final_latency_p50_s": realtime["final_latency_p50_s"],
         "final_latency_p95_s": realtime["final_latency_p95_s"],
         "wer": realtime["wer"],

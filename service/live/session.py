@@ -92,7 +92,9 @@ class _Source:
     finals: deque[_Pending] = field(default_factory=deque)
     busy: str = ""  # "final" / "partial" while a decode of this source runs
     cancel_partial: threading.Event | None = None
-    last_partial_at: float = 0.0
+    last_partial_at: float = 0.0  # when the last partial decode started
+    partial_done_at: float = 0.0  # ... and ended
+    partial_cost: float = 0.0  # how long it took
     last_partial_end: int = 0
     last_final_index: int = -1  # highest utterance index sent to the engine as a final
     closed: bool = False  # dropped for overflowing: frames are ignored
@@ -329,7 +331,10 @@ class LiveSession:
         with src.lock:
             if src.busy or src.finals or ep.pos <= src.last_partial_end:
                 return
-            if now - src.last_partial_at < self.limits.partial_interval:
+            # every partial_interval, but the engine spends at most half its time on this
+            # source's partials: on a busy CPU a partial can take longer than the interval
+            if now < max(src.last_partial_at + self.limits.partial_interval,
+                         src.partial_done_at + src.partial_cost):
                 return
             src.busy = "partial"
             src.cancel_partial = threading.Event()
@@ -362,6 +367,7 @@ class LiveSession:
 
     def _decode(self, src: _Source, kind: str, window: Window, cancel: threading.Event,
                 pending: _Pending | None) -> None:
+        started = time.monotonic()
         try:
             if kind == "partial":
                 self._partial(src, window, cancel)
@@ -376,6 +382,13 @@ class LiveSession:
             log.exception("live session %s: decoding failed", self.session_id)
             self.fail(JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {exc!r}"))
         finally:
+            if kind == "partial":
+                with src.lock:
+                    src.partial_done_at = time.monotonic()
+                    src.partial_cost = src.partial_done_at - started
+            log.debug("live session %s: %s %s of %.1f s decoded in %.2f s", self.session_id,
+                      src.name, kind, len(window.samples) / SAMPLE_RATE,
+                      time.monotonic() - started)
             self._decoded(src, kind)
 
     def _decoded(self, src: _Source, kind: str) -> None:

@@ -119,11 +119,19 @@ class CT2Backend:
 
     def decode(self, features: ctranslate2.StorageView, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
-               should_stop: Callable[[], bool]) -> list[CT2Row]:
+               should_stop: Callable[[], bool],
+               seeds: Sequence[int] | None = None) -> list[CT2Row]:
         out: list[CT2Row | None] = [None] * len(initial)
-        for temperature in sorted(set(temperatures)):
-            rows = [i for i, t in enumerate(temperatures) if t == temperature]
+        groups = [[i for i, t in enumerate(temperatures) if t == 0]]
+        # a sampled row alone, after seeding CTranslate2's generator with its seed: what it
+        # samples then depends on the row, not on the batch (fallback rows are few)
+        groups += [[i] for i, t in enumerate(temperatures) if t > 0]
+        for rows in groups:
+            if not rows:
+                continue
+            temperature = temperatures[rows[0]]
             if temperature > 0:
+                ctranslate2.set_random_seed(seeds[rows[0]] if seeds else 0)
                 sampling = {"beam_size": 1, "sampling_topk": 0,
                             "sampling_temperature": temperature}
             else:

@@ -41,6 +41,13 @@ def cpu_has_amx() -> bool:
     cpu = getattr(torch, "cpu", None)
     return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
+# CPU: MKL's fp32 matmul takes a different kernel (another summation order) for a matrix of
+# fewer than 4 rows, and again under 16: a row's logits, and so its greedy tokens and the
+# log-probabilities that decide fallback, depended on how many rows shared its batch (measured
+# on tiny.en: the same window's sum log-probability moved by up to 0.01 between batches of 1,
+# 2-3 and 4+). Every decoder matmul runs on at least this many rows (zero rows padded), where a
+# row's result no longer depends on the other rows or its place among them.
+BATCH_INVARIANT_ROWS = 16
 RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after bf16 logits
 
 
@@ -101,17 +108,27 @@ class _StepBuffers:
     scratch: torch.Tensor  # fp32
     low: torch.Tensor  # bf16 logits before rescoring (empty where unused)
 
+    min_rows: int = 1  # the sum runs over at least this many rows (BATCH_INVARIANT_ROWS)
+
     @classmethod
-    def allocate(cls, rows: int, vocab: int, device: torch.device, *, low: bool) -> _StepBuffers:
+    def allocate(cls, rows: int, vocab: int, device: torch.device, *, low: bool,
+                 min_rows: int = 1) -> _StepBuffers:
         return cls(torch.empty(rows, vocab, device=device),
-                   torch.empty(rows, vocab, device=device),
-                   torch.empty(rows if low else 0, vocab, dtype=torch.bfloat16, device=device))
+                   torch.zeros(max(rows, min_rows), vocab, device=device),
+                   torch.empty(rows if low else 0, vocab, dtype=torch.bfloat16, device=device),
+                   min_rows)
 
     def logsumexp(self, logits: torch.Tensor) -> torch.Tensor:
-        """Row-wise logsumexp of finite-max logits, through the scratch buffer."""
+        """Row-wise logsumexp of finite-max logits, through the scratch buffer. The sum over
+        the vocabulary runs on at least `min_rows` rows: a single row's sum is split across
+        threads (another summation order than the same row's among several)."""
+        n = logits.shape[0]
         top = logits.amax(dim=-1, keepdim=True)
-        shifted = torch.sub(logits, top, out=self.scratch[:logits.shape[0]])
-        return shifted.exp_().sum(dim=-1).log_() + top.squeeze(1)
+        torch.sub(logits, top, out=self.scratch[:n])
+        if n < self.min_rows:
+            self.scratch[n:self.min_rows].zero_()  # padding rows (an earlier step's values)
+        shifted = self.scratch[:max(n, self.min_rows)]
+        return shifted.exp_().sum(dim=-1)[:n].log_() + top.squeeze(1)
 
 
 class _Layer:
@@ -168,6 +185,7 @@ class BatchDecoder:
         self.cross_dtype = torch.bfloat16 if self.emb_lp is not None else dtype
         self.encoder_bf16 = self.emb_lp is not None and ENCODER_BF16 and cpu_has_amx()
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
+        self.min_rows = BATCH_INVARIANT_ROWS if self.device.type == "cpu" else 1
         self.pos = dec.positional_embedding.detach().to(dtype)
         self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
         self.layers = [_Layer(b, dtype) for b in dec.blocks]
@@ -251,21 +269,33 @@ class BatchDecoder:
         x = self.emb[tokens] + self.pos[offset:offset + t]
         for layer, kv, (ck, cv) in zip(self.layers, cache, cross, strict=True):
             h = _ln(x, layer.ln1)
-            q, k, v = F.linear(h, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
+            q, k, v = self._linear(h, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
             kv[0][:, :, :, offset:offset + t] = self._heads(k).transpose(-1, -2)
             kv[1][:, :, offset:offset + t] = self._heads(v)
             a = self._attn(self._heads(q), kv[0][..., :offset + t], kv[1][:, :, :offset + t],
                            causal=t > 1)
-            x = x + F.linear(a, *layer.out)
+            x = x + self._linear(a, *layer.out)
             h = _ln(x, layer.ln2)
-            a = self._attn(self._heads(F.linear(h, *layer.cq)), ck, cv, causal=False)
-            x = x + F.linear(a, *layer.cout)
+            a = self._attn(self._heads(self._linear(h, *layer.cq)), ck, cv, causal=False)
+            x = x + self._linear(a, *layer.cout)
             h = _ln(x, layer.ln3)
-            x = x + F.linear(F.gelu(F.linear(h, *layer.fc1)), *layer.fc2)
+            x = x + self._linear(F.gelu(self._linear(h, *layer.fc1)), *layer.fc2)
         return _ln(x, self.ln)
 
+    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
+                bias: torch.Tensor | None = None) -> torch.Tensor:
+        """F.linear whose result for a row does not depend on the other rows (CPU): inputs of
+        fewer than `min_rows` rows are padded with zero rows (see BATCH_INVARIANT_ROWS)."""
+        rows = x.reshape(-1, x.shape[-1])
+        if rows.shape[0] >= self.min_rows:
+            return F.linear(x, weight, bias)
+        padded = rows.new_zeros((self.min_rows, rows.shape[1]))
+        padded[:rows.shape[0]] = rows
+        out = F.linear(padded, weight, bias)[:rows.shape[0]]
+        return out.reshape(*x.shape[:-1], weight.shape[0])
+
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return (hidden @ self.emb_t).float()
+        return self._linear(hidden, self.emb_t.T).float()
 
     def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers) -> torch.Tensor:
         """Logits for a decode step: bf16 on CPU (see __init__), exact rescoring later."""
@@ -282,7 +312,9 @@ class BatchDecoder:
         k = RESCORE
         idx = torch.cat([logits[:, :tb].topk(k, dim=-1).indices,
                          logits[:, tb:].topk(k, dim=-1).indices + tb], dim=1)
-        exact = (self.emb[idx] @ hidden.float()[:, :, None]).squeeze(-1)
+        # an elementwise product and a short sum: the same for a row in any batch (a batched
+        # matrix-vector product was not)
+        exact = (self.emb[idx] * hidden.float()[:, None, :]).sum(dim=-1)
         approx = logits.gather(1, idx)
         logits.scatter_(1, idx, torch.where(torch.isfinite(approx), exact, approx))
 
@@ -328,9 +360,12 @@ class BatchDecoder:
         loop_ratio: float | None = 3.0,
         should_stop: Callable[[], bool] | None = None,
         check_every: int = 8,
+        seeds: Sequence[int] | None = None,
     ) -> list[RowResult]:
         """Decode every row of `features` (B, 1500, d) from `initial` tokens (B, L0), each at its
-        own temperature, until every row has emitted eot or `sample_len` tokens."""
+        own temperature, until every row has emitted eot or `sample_len` tokens. A row sampled
+        at a temperature > 0 draws from its own generator seeded with `seeds[row]` (default 0):
+        the same row and seed sample the same tokens in any batch."""
         n, l0 = initial.shape
         dev = self.device
         d = self.emb.shape[1]
@@ -340,12 +375,15 @@ class BatchDecoder:
         cache = [[torch.empty(n, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
                   torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
                  for _ in self.layers]
-        bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None)
+        bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None,
+                                     min_rows=self.min_rows)
         cross = self._cross_state(features)
         first_cross = cross
         slot = list(range(n))  # where each row's state lives in the batch tensors
         temps = torch.tensor(list(temperatures), dtype=torch.float32, device=dev)
         sampling = any(t > 0 for t in temperatures)
+        generators = {i: torch.Generator(device=dev).manual_seed(seeds[i] if seeds else 0)
+                      for i, t in enumerate(temperatures) if t > 0}
         rows = torch.arange(n, device=dev)  # original row of each live batch entry
         out_tokens = torch.full((n, self.sample_len), self.eot, dtype=torch.long, device=dev)
         sum_lp = torch.zeros(n, dtype=torch.float32, device=dev)
@@ -369,10 +407,7 @@ class BatchDecoder:
             self._apply_rules(logits, step, last, penult, ts_max, hidden[:, -1])
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step
-                t = temps[rows]
-                sampled = torch.multinomial(
-                    F.softmax(logits / t.clamp(min=1e-5)[:, None], dim=-1), 1).squeeze(1)
-                nxt = torch.where(t > 0, sampled, nxt)
+                nxt = self._sample(logits, nxt, temps, rows, generators)
             live = ~done[rows]
             chosen = logits.gather(1, nxt[:, None]).squeeze(1) - bufs.logsumexp(logits)
             sum_lp[rows] += chosen * live
@@ -418,6 +453,20 @@ class BatchDecoder:
             results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i],
                                      first_cross, slot[i], per_token[i][:end]))
         return results
+
+    def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor,
+                rows: torch.Tensor, generators: dict[int, torch.Generator]) -> torch.Tensor:
+        """Rows at a temperature > 0 sample (Gumbel-max: argmax of logits / T minus the log of
+        Exp(1) noise, the same distribution as softmax sampling) with noise from their own
+        generator, one draw per step: what a row samples depends on it alone, not on the batch
+        or on torch's global generator (a fallback decode gave different text per run)."""
+        noise = torch.ones_like(logits)
+        for entry, row in enumerate(rows.tolist()):
+            if row in generators:
+                noise[entry].exponential_(generator=generators[row])
+        t = temps[rows]
+        sampled = (logits / t.clamp(min=1e-5)[:, None] - noise.log()).argmax(dim=-1)
+        return torch.where(t > 0, sampled, greedy)
 
     def _cross_state(self, features: torch.Tensor) -> list[tuple[torch.Tensor, torch.Tensor]]:
         """Cross-attention keys (B, H, D, S) and values (B, H, S, D) per layer, in the cross

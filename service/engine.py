@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -87,7 +88,8 @@ class Backend(Protocol):
     def detect_language(self, features: Any, rows: list[int]) -> list[str]: ...
 
     def decode(self, features: Any, initial: list[list[int]], temperatures: Sequence[float], *,
-               sot_index: int, should_stop: Callable[[], bool]) -> Sequence[DecodedRow]: ...
+               sot_index: int, should_stop: Callable[[], bool],
+               seeds: Sequence[int] | None = None) -> Sequence[DecodedRow]: ...
 
     def align(self, features: Any, index: int, row: Any, text_tokens: list[int],
               num_frames: int) -> tuple[list[timing.WordTiming], list[float]]: ...
@@ -531,7 +533,12 @@ class Engine:
             safe_point()
             return all(j.dead for j in jobs)
 
-        rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop)
+        # a row sampled at a fallback temperature is seeded from its audio and temperature:
+        # the same audio gives the same text in any batch and any run
+        seeds = [zlib.crc32(np.ascontiguousarray(a).tobytes(), it.temp_index) if t > 0 else 0
+                 for a, it, t in zip(audio, items, temps, strict=True)]
+        rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop,
+                         seeds=seeds)
         t2, paused_decode = time.perf_counter(), paused[0]
         # judge rows (and align words) outside the lock; apply the outcomes under it
         outcomes: list[_Outcome | None] = []

@@ -1,0 +1,87 @@
+"""Same audio and options, same transcript, whatever shares its batch: the same 60 s clip
+submitted several times at once, beside different other jobs, gives identical segments (text,
+times, log-probabilities, words), through the engine and through a real server. (CPU matmuls
+of fewer than 16 rows take other kernels: a window's log-probabilities, and at near ties its
+tokens, depended on how many rows its batch had.)"""
+
+from __future__ import annotations
+
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+import pytest
+import whisper
+from longscribe.service.engine import DecodeOptions, Engine, WindowResult
+from longscribe.service.models import load_model
+from longscribe.service.segment import Segmenter
+
+from tests.conftest import JFK, LJ, TESTDATA, ServerProcess, ffmpeg, require_testdata
+from tests.test_engine import chunks
+
+SR = 16000
+
+
+def _segments(results: list[WindowResult]) -> list[tuple]:
+    return [(s.start, s.end, s.text, s.avg_logprob, s.temperature,
+             tuple((w.word, w.start, w.end, w.probability) for w in s.words))
+            for r in results for s in r.segments]
+
+
+@pytest.fixture(scope="module")
+def clips() -> dict[str, np.ndarray]:
+    require_testdata()
+    lj = whisper.audio.load_audio(str(LJ))
+    return {"clip": lj[:60 * SR], "other": lj[100 * SR:190 * SR],
+            "jfk": whisper.audio.load_audio(str(JFK)),
+            "libri": whisper.audio.load_audio(str(TESTDATA / "1221-135766-0001.wav"))}
+
+
+def test_same_clip_same_segments_in_any_batch(clips: dict[str, np.ndarray]) -> None:
+    eng = Engine(load_model(), batch_size=8)
+    eng.start()
+    try:
+        def run(name: str, options: DecodeOptions = DecodeOptions()) -> list[WindowResult]:
+            windows = Segmenter().windows(chunks(clips[name]))
+            return list(eng.transcribe(windows, options, threading.Event()))
+
+        alone = _segments(run("clip"))
+        # fallback on every window: sampled decodes must be reproducible too
+        hot = DecodeOptions(temperatures=(0.0, 0.4), compression_ratio_threshold=0.1)
+        hot_alone = _segments(run("clip", hot))
+        jobs = ["clip", "jfk", "clip", "other", "clip", "libri", "hot"]
+        with ThreadPoolExecutor(len(jobs)) as pool:
+            futures = [pool.submit(run, "clip", hot) if name == "hot" else pool.submit(run, name)
+                       for name in jobs]
+            results = [f.result(timeout=600) for f in futures]
+    finally:
+        eng.stop()
+    assert alone and any(s[5] for s in alone)
+    assert eng.stats_snapshot().mixed_job_batches > 0
+    for name, result in zip(jobs, results, strict=True):
+        if name == "clip":
+            assert _segments(result) == alone
+    assert _segments(results[-1]) == hot_alone
+    assert {s[4] for s in hot_alone} == {0.4}
+
+
+def test_same_clip_same_transcript_through_a_server(tmp_path: Path) -> None:
+    from longscribe.client.client import LongscribeClient
+
+    require_testdata()
+    clip = tmp_path / "clip.flac"
+    other = tmp_path / "other.mp3"
+    ffmpeg("-i", str(LJ), "-t", "60", str(clip))
+    ffmpeg("-ss", "100", "-i", str(LJ), "-t", "80", str(other))
+    server = ServerProcess(tmp_path / "data", "--workers", "6").start(timeout=300)
+    try:
+        with LongscribeClient(server.target, timeout=120) as client:
+            sources = [clip, JFK, clip, other, clip, clip]
+            with ThreadPoolExecutor(len(sources)) as pool:
+                results = list(pool.map(client.transcribe, sources))
+    finally:
+        server.stop()
+    same = [r for r, s in zip(results, sources, strict=True) if s == clip]
+    key = [[(s.start, s.end, s.text, s.avg_logprob) for s in r.segments] for r in same]
+    assert same[0].text and all(k == key[0] for k in key), [r.text for r in same]

@@ -70,6 +70,7 @@ class CT2Backend:
         self.compute_type = compute_type
         self.model = load_ct2(model_dir, device, compute_type, threads)
         self.beam_size = max(1, beam_size)
+        self.full_beam_size = self.beam_size
         self.is_multilingual = bool(self.model.is_multilingual)
         self.num_languages = int(self.model.num_languages)
         self.n_mels = int(self.model.n_mels)
@@ -92,6 +93,10 @@ class CT2Backend:
     def warm_up(self) -> None:
         features = self.encode([np.zeros(16000, dtype=np.float32)])
         self.model.generate(features, [list(self.tokenizer.sot_sequence)], max_length=8)
+
+    def reduce_beam(self, reduced: bool) -> None:
+        """The engine's "smaller beam" degradation step: half the beam while it is taken."""
+        self.beam_size = max(1, self.full_beam_size // 2) if reduced else self.full_beam_size
 
     def on_worker_thread(self, threads: int | None) -> None:
         pass  # CTranslate2 has its own thread pool (intra_threads)

@@ -53,6 +53,18 @@ MAX_CONTINUATIONS = 8  # re-decodes of one window's unconsumed tail (whisper's "
 MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another decode
 PROGRESS_EVERY = 1.0  # seconds between in-batch progress estimates per job
 GROW_AFTER = 8  # batches that fit before an out-of-memory-halved batch size doubles again
+# Graceful degradation: when the queued windows hold more than `degrade_after` seconds of the
+# engine's work (or a batch ran out of memory), the engine does less per window, one step at a
+# time, and undoes the steps once the queue is under a third of that. Audio is never dropped.
+DEGRADATION_STEPS = (
+    "full",
+    "no temperature fallback",  # a failed decode is kept at its temperature, not retried
+    "smaller beam",  # half the beam (backends with beam search; skipped on greedy ones)
+    "no word alignment",  # segments without word times (the costliest per-row step)
+)
+DEGRADE_AFTER = 120.0  # seconds of queued work that take a step down (two batch jobs' bounded
+# feeds on a loaded 2-core CPU stay under it: backpressure is not overload)
+DEGRADE_DWELL = 10.0  # seconds at a step before the next change (no flapping)
 
 
 class DecodedRow(Protocol):
@@ -110,6 +122,9 @@ class EngineStats:
     fallbacks: int = 0  # rows re-queued at a higher temperature
     continuations: int = 0  # rows re-decoding the unconsumed tail of a window
     recoveries: int = 0  # rows decoding speech that no segment of its window covered
+    degradation: int = 0  # the step of DEGRADATION_STEPS the engine is at now
+    max_degradation: int = 0  # the deepest step taken
+    degradation_steps: int = 0  # steps taken, down and up
     oom_splits: int = 0  # batches halved after a CUDA out-of-memory
     preemptions: int = 0  # batches run inside a running batch for jobs that had no row in it
     encode_s: float = 0.0  # worker seconds in log-mel + encoder
@@ -188,7 +203,8 @@ class Engine:
 
     def __init__(self, backend: Any, *, batch_size: int | None = None,
                  threads: int | None = None, linger: float = 0.25,
-                 max_linger: float = 2.0) -> None:
+                 max_linger: float = 2.0, degrade_after: float | None = DEGRADE_AFTER,
+                 degrade_dwell: float = DEGRADE_DWELL) -> None:
         from .torch_backend import as_backend
 
         self.backend: Backend = as_backend(backend)  # a whisper model runs on the torch backend
@@ -202,6 +218,13 @@ class Engine:
         self.linger = linger
         self.max_linger = max_linger
         self._fitted = 0  # batches decoded since the last out-of-memory halving
+        self.degrade_after = degrade_after  # None: never degrade
+        self.degrade_dwell = degrade_dwell
+        self._row_seconds = 0.0  # moving average of worker seconds per decoded row
+        self._level_since = time.monotonic()
+        # the steps this backend has: "smaller beam" only where there is a beam to shrink
+        self._steps = [i for i in range(len(DEGRADATION_STEPS))
+                       if i != 2 or hasattr(self.backend, "reduce_beam")]
         self._arrivals = 0  # windows fed so far, all jobs: tells the linger that feeders move
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -232,6 +255,43 @@ class Engine:
     @property
     def running(self) -> bool:
         return self._worker is not None and not self._stopping
+
+    @property
+    def degradation(self) -> int:
+        return self.stats.degradation
+
+    @property
+    def degradation_message(self) -> str:
+        """For a job's progress message: '' at full service, else the step taken."""
+        level = self.stats.degradation
+        return "" if level == 0 else f"engine overloaded: {DEGRADATION_STEPS[level]}"
+
+    def _adjust_degradation(self, *, short_of_memory: bool = False) -> None:
+        """With the lock held: one step down when the queued work is over `degrade_after`
+        seconds (or memory ran short), one up when it is under a third of that; at most one
+        change per `degrade_dwell` seconds except for memory."""
+        if self.degrade_after is None:
+            return
+        now = time.monotonic()
+        at = self._steps.index(self.stats.degradation)
+        queued = self._row_seconds * sum(len(j.pending) for j in self._jobs if not j.dead)
+        if short_of_memory or (queued > self.degrade_after
+                               and now - self._level_since >= self.degrade_dwell):
+            if at + 1 < len(self._steps):
+                self._set_degradation(self._steps[at + 1], "down", now)
+        elif (at > 0 and queued < self.degrade_after / 3
+              and now - self._level_since >= self.degrade_dwell):
+            self._set_degradation(self._steps[at - 1], "up", now)
+
+    def _set_degradation(self, level: int, direction: str, now: float) -> None:
+        self.stats.degradation = level
+        self.stats.max_degradation = max(self.stats.max_degradation, level)
+        self.stats.degradation_steps += 1
+        self._level_since = now
+        reduce_beam = getattr(self.backend, "reduce_beam", None)
+        if reduce_beam is not None:
+            reduce_beam(level >= 2)
+        metrics.set_engine_degradation(level, direction)
 
     def stats_snapshot(self) -> EngineStats:
         with self._cv:
@@ -337,7 +397,9 @@ class Engine:
                 live = [j for j in self._jobs if not j.dead and j.pending]
                 if live:
                     break
+                self._adjust_degradation()  # idle: the steps come back up
                 self._cv.wait(0.2)
+            self._adjust_degradation()
             if len(self._newcomers(live)) == len(live):
                 self._linger()  # nobody is bypassed: let the batch fill
             live = [j for j in self._jobs if not j.dead and j.pending]
@@ -456,6 +518,7 @@ class Engine:
         with self._cv:
             self.stats.oom_splits += 1
             self._fitted = 0
+            self._adjust_degradation(short_of_memory=True)
         half = len(items) // 2
         self.batch_size = max(1, min(self.batch_size, half))
         self._process(items[:half])
@@ -552,6 +615,9 @@ class Engine:
             self.stats.align_s += t3 - t2 - (paused[0] - paused_decode)
             self.stats.batches += 1
             self.stats.rows += len(items)
+            per_row = (t3 - t0 - paused[0]) / len(items)
+            self._row_seconds = (per_row if self._row_seconds == 0.0
+                                 else 0.7 * self._row_seconds + 0.3 * per_row)
             if len({id(j) for j in jobs}) > 1:
                 self.stats.mixed_job_batches += 1
             for it, outcome, lang in zip(items, outcomes, languages, strict=True):
@@ -598,7 +664,8 @@ class Engine:
         silence = (opts.no_speech_threshold is not None
                    and row.no_speech_prob > opts.no_speech_threshold
                    and opts.logprob_threshold is not None and avg < opts.logprob_threshold)
-        if failed and not silence and it.temp_index + 1 < len(opts.temperatures):
+        if (failed and not silence and it.temp_index + 1 < len(opts.temperatures)
+                and self.stats.degradation < 1):  # degraded: no fallback, keep this decode
             return _Outcome(retry=True)
         no_speech = opts.no_speech_threshold
         skip = no_speech is not None and row.no_speech_prob > no_speech
@@ -630,7 +697,9 @@ class Engine:
         if it.recovery:
             # a region the VAD calls speech and the decode skipped is often breath or noise:
             # keep only text whose words look like speech (whisper's anomaly rule)
-            segments = [s for s in trim_overlap(segments, state.segments) if not anomalous(s)]
+            # (without word alignment there are no words to judge: the text is kept)
+            segments = [s for s in trim_overlap(segments, state.segments)
+                        if not anomalous(s) or not s.words]
         state.segments.extend(segments)
         if outcome.continue_at is not None:
             state.continuations += 1
@@ -695,7 +764,14 @@ class Engine:
         text_tokens = [t for p in pieces for t in p.tokens]
         text_lp: list[float] = []
         speech = tuple(getattr(window, "speech", ()) or ())
-        if text_tokens:
+        if text_tokens and self.stats.degradation >= 3:
+            # degraded: no word alignment; the decode's own token log-probabilities, if any
+            eot = tok.eot
+            text_lp = [lp for t, lp in zip(tokens, getattr(row, "token_logprobs", ()) or (),
+                                           strict=False) if t < eot]
+            if len(text_lp) != len(text_tokens):
+                text_lp = []
+        elif text_tokens:
             span = min(available, N_SAMPLES)
             if is_ts and is_ts[-1]:
                 # the decode closed its text with a timestamp: no words after it (aligning over

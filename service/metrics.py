@@ -10,6 +10,8 @@ same methods for code that wants its own registry):
 - `observe_window_batch(seconds, windows)`            the same histogram (one batch), plus
   counter longscribe_windows_transcribed_total and histogram longscribe_window_batch_size
 - `set_realtime_factor(x)`                            gauge longscribe_realtime_factor
+- `set_engine_degradation(level, direction)`          gauge longscribe_engine_degradation_level,
+  counter longscribe_engine_degradation_steps_total{direction}
 - `add_decoded_audio(seconds)`                        counter longscribe_audio_decoded_seconds_total
 - `QueueMetricsObserver(metrics=None, group=None)`: pass as `AudioChunkQueue(observer=...)`; feeds
   longscribe_queue_depth{queue}, longscribe_queue_bytes{queue},
@@ -167,6 +169,14 @@ class Metrics:
         self.remote_degradation_steps = Counter(
             "longscribe_remote_degradation_steps", "Degradation steps taken, by direction",
             ["direction"], registry=r)
+        # the local engine's graceful degradation (engine.DEGRADATION_STEPS)
+        self.engine_degradation_level = Gauge(
+            "longscribe_engine_degradation_level",
+            "Local engine degradation step (0: full; 1: no temperature fallback; 2: smaller "
+            "beam; 3: no word alignment)", registry=r)
+        self.engine_degradation_steps = Counter(
+            "longscribe_engine_degradation_steps", "Engine degradation steps taken, by direction",
+            ["direction"], registry=r)
         # live audio: bounded labels only (a session id would leave series behind forever)
         self.live_sessions = Gauge(
             "longscribe_live_sessions", "Open TranscribeLive sessions", registry=r)
@@ -197,6 +207,11 @@ class Metrics:
         if windows > 0:
             self.windows_transcribed.inc(windows)
             self.window_batch_size.observe(windows)
+
+    def set_engine_degradation(self, level: int, direction: str) -> None:
+        """The engine stepped `direction` ("down": less work per window, "up") to `level`."""
+        self.engine_degradation_level.set(level)
+        self.engine_degradation_steps.labels(direction=direction).inc()
 
     def add_decoded_audio(self, seconds: float) -> None:
         if seconds > 0:
@@ -273,6 +288,10 @@ def observe_chunk_processing(seconds: float) -> None:
 
 def observe_window_batch(seconds: float, windows: int) -> None:
     default().observe_window_batch(seconds, windows)
+
+
+def set_engine_degradation(level: int, direction: str) -> None:
+    default().set_engine_degradation(level, direction)
 
 
 def add_decoded_audio(seconds: float) -> None:

@@ -167,6 +167,12 @@ class CT2Backend:
     def is_out_of_memory(self, error: BaseException) -> bool:
         return "out of memory" in str(error).lower()
 
+    def is_fatal(self, error: BaseException) -> bool:
+        """CTranslate2 reports CUDA failures as RuntimeError('CUDA failed with error ...')."""
+        text = str(error)
+        return "out of memory" not in text.lower() and any(
+            m in text for m in ("CUDA failed", "CUDA error", "cuBLAS failed"))
+
     def after_batch(self) -> None:
         if self.device == "cpu":
             memory.release_free_memory()

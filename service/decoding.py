@@ -139,24 +139,30 @@ class _Layer:
             return None if t is None else t.detach().to(dtype)
 
         a, c = block.attn, block.cross_attn
-        self.ln1 = (w(block.attn_ln.weight), w(block.attn_ln.bias))
+        # layer norms compute in fp32 whatever the model dtype: their weights are held in fp32
+        # once, not cast on every call (fp16 on CUDA)
+        self.ln1 = _fp32(block.attn_ln)
         self.qkv_w = torch.cat([a.query.weight, a.key.weight, a.value.weight]).detach().to(dtype)
         zeros = torch.zeros_like(a.query.bias)
         self.qkv_b = torch.cat([a.query.bias, zeros, a.value.bias]).detach().to(dtype)
         self.out = (w(a.out.weight), w(a.out.bias))
-        self.ln2 = (w(block.cross_attn_ln.weight), w(block.cross_attn_ln.bias))
+        self.ln2 = _fp32(block.cross_attn_ln)
         self.cq = (w(c.query.weight), w(c.query.bias))
         self.ck = w(c.key.weight)
         self.cv = (w(c.value.weight), w(c.value.bias))
         self.cout = (w(c.out.weight), w(c.out.bias))
-        self.ln3 = (w(block.mlp_ln.weight), w(block.mlp_ln.bias))
+        self.ln3 = _fp32(block.mlp_ln)
         self.fc1 = (w(block.mlp[0].weight), w(block.mlp[0].bias))
         self.fc2 = (w(block.mlp[2].weight), w(block.mlp[2].bias))
 
 
+def _fp32(norm: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor]:
+    return norm.weight.detach().float(), norm.bias.detach().float()
+
+
 def _ln(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    # whisper's LayerNorm computes in float32 whatever the model dtype
-    return F.layer_norm(x.float(), (x.shape[-1],), wb[0].float(), wb[1].float()).to(x.dtype)
+    # whisper's LayerNorm computes in float32 whatever the model dtype (weights: _fp32)
+    return F.layer_norm(x.float(), (x.shape[-1],), wb[0], wb[1]).to(x.dtype)
 
 
 class BatchDecoder:
@@ -187,7 +193,7 @@ class BatchDecoder:
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.min_rows = BATCH_INVARIANT_ROWS if self.device.type == "cpu" else 1
         self.pos = dec.positional_embedding.detach().to(dtype)
-        self.ln = (dec.ln.weight.detach(), dec.ln.bias.detach())
+        self.ln = _fp32(dec.ln)
         self.layers = [_Layer(b, dtype) for b in dec.blocks]
         self.ts_begin = tokenizer.timestamp_begin
         self.eot = tokenizer.eot

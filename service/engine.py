@@ -108,6 +108,8 @@ class Backend(Protocol):
 
     def is_out_of_memory(self, error: BaseException) -> bool: ...
 
+    def is_fatal(self, error: BaseException) -> bool: ...  # the device cannot go on
+
     def after_batch(self) -> None: ...
 
     def close(self) -> None: ...
@@ -233,6 +235,11 @@ class Engine:
         self._worker: threading.Thread | None = None
         self._stopping = False
         self._tokenizer = self.backend.tokenizer
+        # set once the backend failed beyond recovery (a dead CUDA context): the engine stops,
+        # every job fails with this message, and `on_failure(message)` is called (the server
+        # sets its health NOT_SERVING)
+        self.failure: str | None = None
+        self.on_failure: Callable[[str], None] | None = None
 
     # --- lifecycle -----------------------------------------------------------------------------
     def start(self) -> None:
@@ -254,7 +261,7 @@ class Engine:
 
     @property
     def running(self) -> bool:
-        return self._worker is not None and not self._stopping
+        return self._worker is not None and not self._stopping and self.failure is None
 
     @property
     def degradation(self) -> int:
@@ -306,7 +313,10 @@ class Engine:
         `progress(seconds)`: while a batch runs, about every PROGRESS_EVERY s, an estimate of
         the audio position the job has reached (from the worker thread). `priority`: a batch
         is filled from the jobs of the highest priority with windows waiting first (live audio
-        passes a higher one than batch jobs' 0); jobs of one priority share it round-robin."""
+        passes a higher one than batch jobs' 0); within a priority the least-served job's
+        windows go first."""
+        if self.failure is not None:
+            raise JobError(grpc.StatusCode.UNAVAILABLE, self.failure)
         if not self.running:
             raise JobError(grpc.StatusCode.UNAVAILABLE, "the transcription engine is not running")
         if not options.temperatures:
@@ -343,7 +353,7 @@ class Engine:
                         if job.feed_done and not job.order:
                             return
                         if not self.running:
-                            raise JobError(grpc.StatusCode.UNAVAILABLE,
+                            raise JobError(grpc.StatusCode.UNAVAILABLE, self.failure or
                                            "the server is shutting down; submit the job again")
                         self._cv.wait(0.1)
                 yield state.result()
@@ -499,6 +509,8 @@ class Engine:
         except Exception as e:
             if self.backend.is_out_of_memory(e):
                 out_of_memory = True
+            elif getattr(self.backend, "is_fatal", lambda _: False)(e):
+                self._fail_engine(e)
             else:
                 self._fail({id(i.job): i.job for i in items}.values(),
                            JobError(grpc.StatusCode.INTERNAL, f"decoding failed: {e}"))
@@ -533,6 +545,23 @@ class Engine:
         if self._fitted >= GROW_AFTER:
             self._fitted = 0
             self.batch_size = min(self.max_batch_size, self.batch_size * 2)
+
+    def _fail_engine(self, error: BaseException) -> None:
+        """The backend cannot decode any more (its device context is gone): fail every job and
+        stop taking work; only a restart recovers."""
+        with self._cv:
+            if self.failure is not None:
+                return
+            self.failure = (f"the transcription engine failed and cannot recover "
+                            f"({type(error).__name__}: {str(error)[:200]}); the server needs a "
+                            "restart, then submit the job again")
+            self._stopping = True
+            for job in self._jobs:
+                if job.error is None:
+                    job.error = JobError(grpc.StatusCode.UNAVAILABLE, self.failure)
+            self._cv.notify_all()
+        if self.on_failure is not None:
+            self.on_failure(self.failure)
 
     def _fail(self, jobs: Iterable[_Job], error: JobError) -> None:
         with self._cv:

@@ -122,6 +122,8 @@ class LongscribeServer:
 
             started = time.monotonic()
             self.engine = create_engine(self.config)
+            self.engine.on_failure = lambda _message: self._set_health(  # a dead CUDA context
+                health_pb2.HealthCheckResponse.NOT_SERVING)
             self.engine.start()
             warm_up_segmenter()  # before SERVING too: the first job is as fast as the second
             self.manager.start(self.engine)

@@ -16,6 +16,11 @@ from . import memory
 from .decoding import BatchDecoder, RowResult
 from .engine_align import warm_up, word_timings
 
+# messages of CUDA errors after which the CUDA context is dead ("CUDA error: ..." covers the
+# sticky ones: illegal memory access, device-side assert, unspecified launch failure, ECC)
+_FATAL_CUDA = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error: CUDNN_STATUS_"
+               "EXECUTION_FAILED", "CUDA driver error")
+
 
 class TorchBackend:
     name = "torch"
@@ -84,6 +89,17 @@ class TorchBackend:
 
     def is_out_of_memory(self, error: BaseException) -> bool:
         return isinstance(error, torch.cuda.OutOfMemoryError)
+
+    def is_fatal(self, error: BaseException) -> bool:
+        """A CUDA error other than out-of-memory (illegal access, device-side assert, launch
+        failure, ECC): the context is unusable for the rest of the process."""
+        if isinstance(error, torch.cuda.OutOfMemoryError):
+            return False
+        accelerator = getattr(torch, "AcceleratorError", None)
+        if accelerator is not None and isinstance(error, accelerator):
+            return True
+        text = str(error)
+        return isinstance(error, RuntimeError) and any(m in text for m in _FATAL_CUDA)
 
     def after_batch(self) -> None:
         if self.cuda:

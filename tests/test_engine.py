@@ -197,7 +197,7 @@ def test_cuda_fp16_engine(audio) -> None:
     eng = Engine(load_model(device="cuda"), batch_size=32)
     eng.start()
     try:
-        assert eng.dtype == torch.float16
+        assert eng.backend.dtype == torch.float16
         results = run(eng, np.concatenate([audio["lj"]] * 2))
         assert wer(lj_text() + " " + lj_text(), transcript_text(results)) <= 0.06
     finally:
@@ -443,3 +443,40 @@ def test_higher_priority_windows_are_taken_first(model, audio) -> None:
     # at most one batch's low windows (one formed while the high job's feeder was still
     # adding); round-robin puts one low window beside every high one (4)
     assert rows[first:last + 1].count("low") <= 2, batches
+
+
+def test_fatal_backend_error_fails_the_engine(model, audio) -> None:
+    """A CUDA error that kills the context (raised here on CPU, as the real backend reports
+    one) fails every job with a clear UNAVAILABLE message, marks the engine failed (the server
+    turns health NOT_SERVING through on_failure) and refuses new jobs; an ordinary decode error
+    fails only its batch's jobs."""
+    eng = Engine(model, batch_size=4)
+    decode = eng.backend.decode
+    mode = {"error": ValueError("a bug in one batch")}
+
+    def failing(*args, **kwargs):
+        if mode["error"] is not None:
+            raise mode["error"]
+        return decode(*args, **kwargs)
+
+    eng.backend.decode = failing
+    failures: list[str] = []
+    eng.on_failure = failures.append
+    eng.start()
+    try:
+        with pytest.raises(JobError) as err:
+            run(eng, audio["jfk"])
+        assert err.value.code == grpc.StatusCode.INTERNAL and eng.running and not failures
+        mode["error"] = None
+        assert "country" in transcript_text(run(eng, audio["jfk"])).lower()
+        mode["error"] = RuntimeError("CUDA error: an illegal memory access was encountered")
+        with pytest.raises(JobError) as err:
+            run(eng, audio["libri"])
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE
+        assert "cannot recover" in str(err.value) and "illegal memory access" in str(err.value)
+        assert failures and not eng.running
+        with pytest.raises(JobError) as err:
+            eng.transcribe(iter(()), DecodeOptions(), threading.Event())
+        assert err.value.code == grpc.StatusCode.UNAVAILABLE and "cannot recover" in str(err.value)
+    finally:
+        eng.stop()

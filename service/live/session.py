@@ -56,6 +56,7 @@ class LiveLimits:
     drop_source_after: float = 10.0
     ring_seconds: float = 30.0
     max_utterance_seconds: float = 20.0
+    lead_ms: int = 400  # audio kept before an utterance's first speech frame
 
     @classmethod
     def from_config(cls, config: Any) -> LiveLimits:
@@ -136,8 +137,9 @@ class LiveSession:
             at = positions.get(name, 0)
             ring = RingBuffer(int(limits.ring_seconds * SAMPLE_RATE))
             ring.start = ring.end = at
-            ep = Endpointer(endpoint_ms=limits.endpoint_ms,
-                            max_utterance_s=limits.max_utterance_seconds,
+            # the trailing pad is all the non-speech heard before the endpoint: free audio
+            ep = Endpointer(endpoint_ms=limits.endpoint_ms, pad_ms=limits.endpoint_ms,
+                            lead_ms=limits.lead_ms, max_utterance_s=limits.max_utterance_seconds,
                             first_index=next_utterance.get(name, 0))
             ep.pos = ep.floor = at
             self.sources[name] = _Source(

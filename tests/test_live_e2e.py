@@ -300,7 +300,7 @@ def test_cli_stdin_eof_and_ctrl_c_exit_cleanly(live_server: ServerProcess) -> No
     # Ctrl-C while a file streams at real time: the finals so far, then a clean exit
     proc = subprocess.Popen([sys.executable, "-m", "longscribe.client", "live", str(JFK)],
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
-    time.sleep(8.0)
+    time.sleep(5.0)
     proc.send_signal(signal.SIGINT)
     out, err = proc.communicate(timeout=60)
     assert proc.returncode == 130, err
@@ -309,25 +309,22 @@ def test_cli_stdin_eof_and_ctrl_c_exit_cleanly(live_server: ServerProcess) -> No
 
 
 def test_a_session_open_when_the_server_dies_ends_with_its_stored_finals(
-        tmp_path: Path) -> None:
-    server = ServerProcess(tmp_path / "data").start()
-    try:
-        jfk = pcm(JFK)
-        requests = [config(["mic"])] + [audio("mic", f) for f in frames(jfk)]
-        with grpc.insecure_channel(server.target) as channel:
-            stream = pb_grpc.TranscriptionServiceStub(channel).TranscribeLive(
-                paced(requests + [audio("mic", b"\x00\x00" * SR)] * 60, 2.0))
-            session_id = next(stream).started.session_id
-            for event in stream:  # the first final is stored before it is sent
-                if event.HasField("final") and event.final.text:
-                    break
-            server.kill()  # mid-stream, the session open
-        server.start()  # the same data dir: the open live job is ended, not re-run
-        with LongscribeClient(server.target, timeout=30) as client:
-            wait_for(lambda: client.get(session_id).state == pb.JOB_STATE_SUCCEEDED,
-                     what="the live job's end after the restart")
-            result = client.get(session_id, include_result=True).result
-            assert result.segments and all(s.source == "mic" for s in result.segments)
-            assert "fellow americans" in result.text.lower()
-    finally:
-        server.stop()
+        live_server: ServerProcess) -> None:
+    """Last in this module: it kills the module's server and starts it again."""
+    jfk = pcm(JFK)
+    requests = [config(["mic"])] + [audio("mic", f) for f in frames(jfk)]
+    with grpc.insecure_channel(live_server.target) as channel:
+        stream = pb_grpc.TranscriptionServiceStub(channel).TranscribeLive(
+            paced(requests + [audio("mic", b"\x00\x00" * SR)] * 60, 2.0))
+        session_id = next(stream).started.session_id
+        for event in stream:  # the first final is stored before it is sent
+            if event.HasField("final") and event.final.text:
+                break
+        live_server.kill()  # mid-stream, the session open
+    live_server.start()  # the same data dir: the open live job is ended, not re-run
+    with LongscribeClient(live_server.target, timeout=30) as client:
+        wait_for(lambda: client.get(session_id).state == pb.JOB_STATE_SUCCEEDED,
+                 what="the live job's end after the restart")
+        result = client.get(session_id, include_result=True).result
+        assert result.segments and all(s.source == "mic" for s in result.segments)
+        assert "fellow americans" in result.text.lower()

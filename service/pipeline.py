@@ -240,7 +240,9 @@ def _transcribe(ctx: JobContext, media: Path, duration: float, base: float,
             chunk_index=windows_done,
             realtime_factor=rtf,
             eta_seconds=max(total - done, 0.0) / rtf if rtf > 0 and total else 0.0,
-            **({"message": message, "force": True} if message else {}),  # an engine's wait
+            # an engine's wait is always recorded; a step down under load rides along
+            message=message or getattr(ctx.engine, "degradation_message", ""),
+            **({"force": True} if message else {}),
         )
 
     def handle_total() -> float:

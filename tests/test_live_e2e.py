@@ -10,6 +10,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -91,6 +92,14 @@ def paced(requests: list[pb.LiveRequest], pace: float) -> Iterator[pb.LiveReques
             delay = start + sent / pace - time.monotonic()
             if delay > 0:
                 time.sleep(delay)
+
+
+def held_open(requests: Iterator[pb.LiveRequest], until: threading.Event
+              ) -> Iterator[pb.LiveRequest]:
+    """`requests`, then the stream stays open (no half-close) until `until` is set: a client
+    that vanishes, rather than one that ends its stream."""
+    yield from requests
+    until.wait(60)
 
 
 def call(server: ServerProcess, requests: Iterator[pb.LiveRequest], timeout: float = 120
@@ -196,11 +205,13 @@ def test_vanished_client_is_finalised_and_a_returning_one_resumes(
     with grpc.insecure_channel(live_server.target) as channel:
         stub = pb_grpc.TranscriptionServiceStub(channel)
         requests = [config(["mic"])] + [audio("mic", f) for f in frames(jfk[:half])]
-        stream = stub.TranscribeLive(paced(requests, 4.0))
+        gone = threading.Event()
+        stream = stub.TranscribeLive(held_open(paced(requests, 4.0), gone))
         started = next(stream).started
         session_id = started.session_id
         time.sleep(half / 2 / SR / 4.0 + 0.5)  # everything sent
         stream.cancel()
+        gone.set()
     with LongscribeClient(live_server.target, timeout=30) as client:
         # what it sent is transcribed and stored, and the session is freed (detached)
         wait_for(lambda: metric(live_server, "longscribe_live_sessions") == 0, what="detach")

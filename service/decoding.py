@@ -27,17 +27,9 @@ ENCODE_SLICE_CPU = 4  # windows per encoder pass on CPU (bounds its activations)
 ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has AMX)
 
 
-def cpu_has_bf16() -> bool:
-    """bf16 only pays where the CPU computes it natively (AVX512-BF16 or AMX); elsewhere torch
-    emulates it and the "fast" path is slower than fp32."""
-    cpu = getattr(torch, "cpu", None)
-    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
-    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
-
-
 def cpu_has_amx() -> bool:
-    """The compute-bound encoder gains from bf16 only with matrix units: with AVX512-BF16
-    alone it ran 1.5x slower than fp32 (0.27 vs 0.18 s per window)."""
+    """bf16 pays only with matrix units (AMX): with AVX512-BF16 alone torch's bf16 matmuls
+    ran slower than fp32, in the encoder and in the decoder's steps alike."""
     cpu = getattr(torch, "cpu", None)
     return bool(getattr(cpu, "_is_amx_tile_supported", lambda: False)())
 
@@ -179,17 +171,19 @@ class BatchDecoder:
         self.sample_len = self.n_ctx // 2
         self.emb = dec.token_embedding.weight.detach().to(dtype)
         self.emb_t = self.emb.T.contiguous()  # (d, vocab) for the logits matmul
-        # On CPU the per-step vocabulary matmul is memory-bound: score it in bf16 (half the
-        # bytes) and rescore the top text and timestamp candidates of each row in fp32, so the
-        # choices and the probabilities that decide them are the fp32 ones.
+        # On a CPU with matrix units (AMX) the per-step vocabulary matmul is memory-bound:
+        # score it in bf16 (half the bytes) and rescore the top text and timestamp candidates
+        # of each row in fp32, so the choices and the probabilities that decide them are the
+        # fp32 ones. With AVX512-BF16 alone, bf16 matmuls and the cross-attention reads are
+        # slower than fp32 at 32 rows and more, so such CPUs stay in fp32.
         self.emb_lp = (self.emb_t.to(torch.bfloat16)
-                       if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_bf16()
+                       if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_amx()
                        else None)
         # The cross-attention keys and values of a CPU batch (hundreds of MB at fp32, read in
         # full at every step) in bf16: half the memory and the bandwidth; the softmax over the
         # scores stays fp32.
         self.cross_dtype = torch.bfloat16 if self.emb_lp is not None else dtype
-        self.encoder_bf16 = self.emb_lp is not None and ENCODER_BF16 and cpu_has_amx()
+        self.encoder_bf16 = self.emb_lp is not None and ENCODER_BF16
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.min_rows = BATCH_INVARIANT_ROWS if self.device.type == "cpu" else 1
         self.pos = dec.positional_embedding.detach().to(dtype)

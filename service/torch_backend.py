@@ -33,7 +33,7 @@ class TorchBackend:
         self.is_multilingual = bool(model.is_multilingual)
         self.num_languages = model.num_languages
         self.text_ctx = model.dims.n_text_ctx
-        self.default_batch_size = 32 if self.cuda else 16
+        self.default_batch_size = 32
         self.tokenizer: Tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages,
             language="en" if model.is_multilingual else None, task="transcribe")

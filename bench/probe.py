@@ -51,10 +51,12 @@ def make_engine(side: str, batch: int) -> Any:
         return Engine(TorchBackend(load_model()), batch_size=batch or None)
     _, compute, beam = side.split(":")
     from longscribe.service.ct2_backend import CT2Backend
+    from longscribe.service.engines import cpu_encoder
     from longscribe.service.models import default_model_dir
 
-    return Engine(CT2Backend(default_model_dir(), compute_type=compute, beam_size=int(beam)),
-                  batch_size=batch or None)
+    backend = CT2Backend(default_model_dir(), compute_type=compute, beam_size=int(beam))
+    backend.encoder = cpu_encoder(default_model_dir())  # as the server runs it on CPU
+    return Engine(backend, batch_size=batch or None)
 
 
 def trace(backend: Any) -> None:

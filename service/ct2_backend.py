@@ -18,7 +18,7 @@ from whisper.audio import N_SAMPLES
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import memory
-from .decoding import log_mel_batch
+from .decoding import AudioEncoder, log_mel_batch
 from .engine_align import words_from_path
 
 SAMPLE_LEN = 224  # new tokens per window at most (whisper's sample_len)
@@ -64,8 +64,11 @@ class CT2Backend:
     name = "ct2"
 
     def __init__(self, model_dir: str | os.PathLike[str], *, device: str = "cpu",
-                 compute_type: str = "default", beam_size: int = 1, threads: int = 0) -> None:
+                 compute_type: str = "default", beam_size: int = 1, threads: int = 0,
+                 encoder: AudioEncoder | None = None) -> None:
         self.model_dir = str(model_dir)
+        # the same weights run as openai-whisper's encoder, where that is faster (CPU)
+        self.encoder = encoder
         self.device = device
         self.compute_type = compute_type
         self.model = load_ct2(model_dir, device, compute_type, threads)
@@ -75,7 +78,7 @@ class CT2Backend:
         self.num_languages = int(self.model.num_languages)
         self.n_mels = int(self.model.n_mels)
         self.text_ctx = 448
-        self.default_batch_size = 16
+        self.default_batch_size = 32
         self.tokenizer: Tokenizer = get_tokenizer(
             self.is_multilingual, num_languages=self.num_languages,
             language="en" if self.is_multilingual else None, task="transcribe")
@@ -88,7 +91,9 @@ class CT2Backend:
         self.suppress = sorted(suppress)  # whisper's SuppressTokens("-1")
 
     def describe(self) -> str:
-        return f"CTranslate2 on {self.device} ({self.compute_type}, beam {self.beam_size})"
+        encoder = "; encoder: openai-whisper fp32" if self.encoder is not None else ""
+        return (f"CTranslate2 on {self.device} ({self.compute_type}, beam {self.beam_size}"
+                f"{encoder})")
 
     def warm_up(self) -> None:
         features = self.encode([np.zeros(16000, dtype=np.float32)])
@@ -103,6 +108,11 @@ class CT2Backend:
 
     def encode(self, audio: Sequence[np.ndarray],
                progress: Callable[[float], None] | None = None) -> ctranslate2.StorageView:
+        if self.encoder is not None:
+            # CTranslate2 decodes from encoder output as well as from log-mel input; the view
+            # holds a reference to the array
+            features = self.encoder.encode(audio, progress).numpy()
+            return ctranslate2.StorageView.from_array(np.ascontiguousarray(features))
         batch = np.zeros((len(audio), N_SAMPLES), dtype=np.float32)
         for i, a in enumerate(audio):
             batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]

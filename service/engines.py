@@ -3,12 +3,19 @@ batch decoder from the server's Config. The scheduler (`engine.Engine`) is the s
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
-from typing import Any
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from .config import Config
 from .engine import Engine
 from .models import ModelLoadError, default_model_dir, load_model, resolve_device
+
+if TYPE_CHECKING:
+    from .decoding import AudioEncoder
+
+log = logging.getLogger(__name__)
 
 
 def _torch(config: Config) -> Any:
@@ -20,8 +27,6 @@ def _torch(config: Config) -> Any:
 
 
 def _ct2(config: Config) -> Any:
-    from pathlib import Path
-
     from .ct2_backend import CT2Backend, CT2LoadError
 
     device = str(resolve_device(config.device))
@@ -33,10 +38,31 @@ def _ct2(config: Config) -> Any:
     if model_dir.is_file() and model_dir.name == "model.bin":
         model_dir = model_dir.parent
     try:
-        return CT2Backend(model_dir, device=device, compute_type=compute_type,
-                          beam_size=config.beam_size or 5)
+        backend = CT2Backend(model_dir, device=device, compute_type=compute_type,
+                             beam_size=config.beam_size or 5)
     except CT2LoadError as exc:
         raise ModelLoadError(str(exc)) from exc
+    if not cuda:
+        backend.encoder = cpu_encoder(model_dir)
+    return backend
+
+
+def cpu_encoder(model_dir: Path) -> AudioEncoder | None:
+    """The ct2 engine's encoder on CPU: the same CTranslate2 weights imported into
+    openai-whisper's encoder, fp32, which ran faster there than CTranslate2's own at any
+    compute type (and int8 encoder output is less exact). None when the model cannot be
+    imported: CTranslate2 then encodes too."""
+    import torch
+
+    from .decoding import AudioEncoder
+
+    try:
+        model = load_model(str(model_dir), "cpu")
+    except ModelLoadError as exc:
+        log.warning("ct2 engine: CTranslate2 encodes (%s)", exc)
+        return None
+    del model.decoder  # only the encoder runs here
+    return AudioEncoder(model, torch.float32)
 
 
 BACKENDS: dict[str, Callable[[Config], Any]] = {"torch": _torch, "ct2": _ct2}

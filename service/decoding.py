@@ -27,6 +27,14 @@ ENCODE_SLICE_CPU = 4  # windows per encoder pass on CPU (bounds its activations)
 ENCODER_BF16 = True  # CPU encoder matmuls under bf16 autocast (where the CPU has AMX)
 
 
+def cpu_has_bf16() -> bool:
+    """Whether the CPU computes bf16 natively (AVX512-BF16 or AMX); elsewhere torch emulates
+    it and a bf16 tensor costs more to read than an fp32 one."""
+    cpu = getattr(torch, "cpu", None)
+    checks = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
+    return any(bool(getattr(cpu, name, lambda: False)()) for name in checks)
+
+
 def cpu_has_amx() -> bool:
     """bf16 pays only with matrix units (AMX): with AVX512-BF16 alone torch's bf16 matmuls
     ran slower than fp32, in the encoder and in the decoder's steps alike."""
@@ -218,15 +226,17 @@ class BatchDecoder:
         # On a CPU with matrix units (AMX) the per-step vocabulary matmul is memory-bound:
         # score it in bf16 (half the bytes) and rescore the top text and timestamp candidates
         # of each row in fp32, so the choices and the probabilities that decide them are the
-        # fp32 ones. With AVX512-BF16 alone, bf16 matmuls and the cross-attention reads are
-        # slower than fp32 at 32 rows and more, so such CPUs stay in fp32.
+        # fp32 ones. With AVX512-BF16 alone the bf16 vocabulary matmul is slower than fp32 at
+        # 32 rows and more.
         self.emb_lp = (self.emb_t.to(torch.bfloat16)
                        if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_amx()
                        else None)
-        # The cross-attention keys and values of a CPU batch (hundreds of MB at fp32, read in
-        # full at every step) in bf16: half the memory and the bandwidth; the softmax over the
-        # scores stays fp32.
-        self.cross_dtype = torch.bfloat16 if self.emb_lp is not None else dtype
+        # The cross-attention keys and values of a CPU batch (~18 MB a row at fp32, the
+        # batch's largest state) in bf16 where the CPU has bf16 units: half the memory, so a
+        # full batch of a long file peaks near a ten-minute file's; the softmax over the scores
+        # stays fp32.
+        self.cross_dtype = (torch.bfloat16 if self.device.type == "cpu" and dtype == torch.float32
+                            and cpu_has_bf16() else dtype)
         self.encoder = AudioEncoder(model, dtype,
                                     bf16=self.emb_lp is not None and ENCODER_BF16)
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5

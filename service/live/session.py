@@ -39,6 +39,10 @@ from .source import ArrivalTimes, Frame, RingBuffer, SourceQueue, StatusTracker
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FINALS = 2  # utterances of one source waiting for (or in) the engine
+# final segments whose text conditions the next decode of their source, as transcribe() conditions a
+# window on the text before it (condition_on_previous_text): a fragment cut at a pause is
+# decoded with its sentence's start, and names keep their spelling
+CONTEXT_SEGMENTS = 3
 FINAL_PRIORITY = 2  # Engine.transcribe(priority=...): higher is taken first; batch jobs are 0
 PARTIAL_PRIORITY = 1
 MIN_PARTIAL_SECONDS = 0.5  # no partial of less audio than this
@@ -100,6 +104,8 @@ class _Source:
     last_final_index: int = -1  # highest utterance index sent to the engine as a final
     closed: bool = False  # dropped for overflowing: frames are ignored
     finals_sent: int = 0
+    # the texts of this source's latest final segments: its next decodes are conditioned on them
+    context: deque[str] = field(default_factory=lambda: deque(maxlen=CONTEXT_SEGMENTS))
 
     def idle(self) -> bool:
         return not self.pumping and not self.busy and not self.finals
@@ -405,8 +411,18 @@ class LiveSession:
             self._kick(src)
             self._schedule_pump(src)  # room for another utterance: take frames again
 
+    def _conditioned(self, options: DecodeOptions, src: _Source) -> DecodeOptions:
+        """`options` with the source's recent finals after the client's own prompt."""
+        with src.lock:
+            recent = " ".join(src.context)
+        if not recent:
+            return options
+        prompt = f"{options.initial_prompt or ''} {recent}".strip()
+        return replace(options, initial_prompt=prompt)
+
     def _partial(self, src: _Source, window: Window, cancel: threading.Event) -> None:
-        results = self._transcribe(window, self.partial_options, cancel, PARTIAL_PRIORITY)
+        results = self._transcribe(window, self._conditioned(self.partial_options, src), cancel,
+                                   PARTIAL_PRIORITY)
         text = _text(results)
         with src.lock:
             stale = cancel.is_set() or window.index <= src.last_final_index
@@ -417,8 +433,17 @@ class LiveSession:
 
     def _final(self, src: _Source, pending: _Pending) -> None:
         utt, window = pending.utterance, pending.window
-        results = self._transcribe(window, self.options, self._cancel, FINAL_PRIORITY)
+        results = self._transcribe(window, self._conditioned(self.options, src), self._cancel,
+                                   FINAL_PRIORITY)
         segments = [_segment(s, src.name) for r in results for s in r.segments]
+        # as transcribe() does: text decoded at a high temperature does not condition the next
+        if all(s.temperature <= 0.5 for r in results for s in r.segments):
+            with src.lock:
+                src.context.extend(s.text.strip() for r in results for s in r.segments
+                                   if s.text.strip())
+        else:
+            with src.lock:
+                src.context.clear()
         final = pb.LiveFinal(source=src.name, utterance=utt.index,
                              start=round(utt.start / SAMPLE_RATE, 3),
                              end=round(utt.end / SAMPLE_RATE, 3),

@@ -53,6 +53,7 @@ MAX_CONTINUATIONS = 8  # re-decodes of one window's unconsumed tail (whisper's "
 MIN_TAIL_SAMPLES = SAMPLE_RATE  # a shorter unconsumed tail is not worth another decode
 PROGRESS_EVERY = 1.0  # seconds between in-batch progress estimates per job
 GROW_AFTER = 8  # batches that fit before an out-of-memory-halved batch size doubles again
+LINGER_SHARE = 0.25  # of a full batch's time, the longest a batch waits for windows still coming
 # Graceful degradation: when the queued windows hold more than `degrade_after` seconds of the
 # engine's work (or a batch ran out of memory), the engine does less per window, one step at a
 # time, and undoes the steps once the queue is under a third of that. Audio is never dropped.
@@ -479,11 +480,15 @@ class Engine:
         """With the lock held: wait while the batch is short and feeders keep adding windows.
         A feeder that decodes faster than the engine transcribes (the common case: ffmpeg and
         the VAD run at hundreds of times real time) fills the batch within a fraction of a
-        second; a stalled one (a slow download) costs at most `linger` seconds."""
+        second; a stalled one (a slow download) costs at most `linger` seconds, a trickle at
+        most a quarter of a full batch's time."""
         if self.linger <= 0:
             return
         now = time.monotonic()
-        deadline, quiet_since, seen = now + self.max_linger, now, self._arrivals
+        # while windows keep coming, wait up to a quarter of what a full batch takes: a batch
+        # cut short leaves windows for one more pass, which costs nearly a whole batch's steps
+        cap = max(self.max_linger, LINGER_SHARE * self._row_seconds * self.batch_size)
+        deadline, quiet_since, seen = now + cap, now, self._arrivals
         while not self._stopping:
             alive = [j for j in self._jobs if not j.dead]
             waiting = sum(len(j.pending) for j in alive)

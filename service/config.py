@@ -49,7 +49,7 @@ class Config:
                   "torch engine decodes greedily (1)"},
     )
     batch_size: int = field(
-        default=0, metadata={"help": "windows decoded per forward pass (0: 32)"}
+        default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 16 on CPU)"}
     )
     data_dir: str = field(
         default_factory=_default_data_dir,

@@ -78,7 +78,7 @@ class CT2Backend:
         self.num_languages = int(self.model.num_languages)
         self.n_mels = int(self.model.n_mels)
         self.text_ctx = 448
-        self.default_batch_size = 32
+        self.default_batch_size = 32 if device.startswith("cuda") else 16  # torch_backend
         self.tokenizer: Tokenizer = get_tokenizer(
             self.is_multilingual, num_languages=self.num_languages,
             language="en" if self.is_multilingual else None, task="transcribe")

@@ -454,7 +454,7 @@ class Engine:
         """A safe point inside a running batch (worker thread, lock not held): windows of jobs
         that have no row in it (they arrived after it was formed), or of a higher priority, are
         decoded now in a batch of their own, while the running batch waits. A CPU batch of
-        32 windows runs for many seconds; without this a short job waits for all of it, then
+        16 windows runs for many seconds; without this a short job waits for all of it, then
         shares the next one. One level deep, and at most `budget[0]` rows per running batch, so
         a long job arriving cannot stall the running batch for longer than one batch."""
         if self._nested or budget[0] <= 0 or self._stopping:

@@ -33,7 +33,9 @@ class TorchBackend:
         self.is_multilingual = bool(model.is_multilingual)
         self.num_languages = model.num_languages
         self.text_ctx = model.dims.n_text_ctx
-        self.default_batch_size = 32
+        # CPU: 16, as a long file fills every batch and a batch's cross-attention state is
+        # the server's peak memory (32 decode faster per row but peak higher)
+        self.default_batch_size = 32 if self.cuda else 16
         self.tokenizer: Tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages,
             language="en" if model.is_multilingual else None, task="transcribe")

@@ -64,11 +64,10 @@ class CT2Backend:
     name = "ct2"
 
     def __init__(self, model_dir: str | os.PathLike[str], *, device: str = "cpu",
-                 compute_type: str = "default", beam_size: int = 1, threads: int = 0,
-                 encoder: AudioEncoder | None = None) -> None:
+                 compute_type: str = "default", beam_size: int = 1, threads: int = 0) -> None:
         self.model_dir = str(model_dir)
-        # the same weights run as openai-whisper's encoder, where that is faster (CPU)
-        self.encoder = encoder
+        # the same weights as openai-whisper's encoder, where that runs faster (engines.py: CPU)
+        self.encoder: AudioEncoder | None = None
         self.device = device
         self.compute_type = compute_type
         self.model = load_ct2(model_dir, device, compute_type, threads)

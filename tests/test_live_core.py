@@ -214,6 +214,12 @@ def test_two_sources_are_kept_apart(runtime: LiveRuntime) -> None:
     end = events.of("end")
     assert not end  # the runtime's end() does not send it (the RPC layer does)
     assert session.positions() == {"mic": len(jfk), "system": len(libri)}
+    # each source's next decode is conditioned on its own latest finals, not the other's
+    for name, own, other in (("mic", mic, system), ("system", system, mic)):
+        context = list(session.sources[name].context)
+        assert context and all(t in own and t not in other for t in context), (name, context)
+        prompt = session._conditioned(session.options, session.sources[name]).initial_prompt
+        assert prompt == " ".join(context)
 
 
 def test_overflow_drops_the_oldest_audio_and_a_source_that_keeps_overflowing_is_closed(

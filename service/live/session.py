@@ -39,9 +39,9 @@ from .source import ArrivalTimes, Frame, RingBuffer, SourceQueue, StatusTracker
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FINALS = 2  # utterances of one source waiting for (or in) the engine
-# final segments whose text conditions the next decode of their source, as transcribe() conditions a
-# window on the text before it (condition_on_previous_text): a fragment cut at a pause is
-# decoded with its sentence's start, and names keep their spelling
+# final segments whose text conditions the next decode of their source, as transcribe()
+# conditions a window on the text before it (condition_on_previous_text): a fragment cut at a
+# pause is decoded with its sentence's start, and names keep their spelling
 CONTEXT_SEGMENTS = 3
 FINAL_PRIORITY = 2  # Engine.transcribe(priority=...): higher is taken first; batch jobs are 0
 PARTIAL_PRIORITY = 1

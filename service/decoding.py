@@ -202,8 +202,8 @@ class AudioEncoder:
         x = torch.from_numpy(batch).to(self.device)
         mel = log_mel_batch(x, self.model.dims.n_mels).to(self.dtype)
         if self.bf16:
-            # CPU: the encoder's matmuls in bf16 (~30 % faster where the CPU has bf16 units),
-            # layer norms, softmax and the residual stream stay fp32
+            # CPU with AMX: the encoder's matmuls in bf16; layer norms, softmax and the
+            # residual stream stay fp32
             with torch.autocast("cpu", dtype=torch.bfloat16):
                 return self.model.encoder(mel).float()
         return self.model.encoder(mel)
@@ -232,9 +232,8 @@ class BatchDecoder:
                        if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_amx()
                        else None)
         # The cross-attention keys and values of a CPU batch (~18 MB a row at fp32, the
-        # batch's largest state) in bf16 where the CPU has bf16 units: half the memory, so a
-        # full batch of a long file peaks near a ten-minute file's; the softmax over the scores
-        # stays fp32.
+        # batch's largest state) in bf16 where the CPU has bf16 units: half the memory and the
+        # bandwidth; the softmax over the scores stays fp32.
         self.cross_dtype = (torch.bfloat16 if self.device.type == "cpu" and dtype == torch.float32
                             and cpu_has_bf16() else dtype)
         self.encoder = AudioEncoder(model, dtype,

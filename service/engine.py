@@ -63,6 +63,8 @@ DEGRADATION_STEPS = (
     "smaller beam",  # half the beam (backends with beam search; skipped on greedy ones)
     "no word alignment",  # segments without word times (the costliest per-row step)
 )
+NO_FALLBACK, SMALLER_BEAM, NO_ALIGNMENT = (DEGRADATION_STEPS.index(name) for name in (
+    "no temperature fallback", "smaller beam", "no word alignment"))
 DEGRADE_AFTER = 120.0  # seconds of queued work that take a step down (two batch jobs' bounded
 # feeds on a loaded 2-core CPU stay under it: backpressure is not overload)
 DEGRADE_DWELL = 10.0  # seconds at a step before the next change (no flapping)
@@ -227,7 +229,7 @@ class Engine:
         self._level_since = time.monotonic()
         # the steps this backend has: "smaller beam" only where there is a beam to shrink
         self._steps = [i for i in range(len(DEGRADATION_STEPS))
-                       if i != 2 or hasattr(self.backend, "reduce_beam")]
+                       if i != SMALLER_BEAM or hasattr(self.backend, "reduce_beam")]
         self._arrivals = 0  # windows fed so far, all jobs: tells the linger that feeders move
         self.stats = EngineStats()
         self._cv = threading.Condition()
@@ -298,7 +300,7 @@ class Engine:
         self._level_since = now
         reduce_beam = getattr(self.backend, "reduce_beam", None)
         if reduce_beam is not None:
-            reduce_beam(level >= 2)
+            reduce_beam(level >= SMALLER_BEAM)
         metrics.set_engine_degradation(level, direction)
 
     def stats_snapshot(self) -> EngineStats:
@@ -514,7 +516,7 @@ class Engine:
         except Exception as e:
             if self.backend.is_out_of_memory(e):
                 out_of_memory = True
-            elif getattr(self.backend, "is_fatal", lambda _: False)(e):
+            elif self.backend.is_fatal(e):
                 self._fail_engine(e)
             else:
                 self._fail({id(i.job): i.job for i in items}.values(),
@@ -700,7 +702,7 @@ class Engine:
                    and row.no_speech_prob > opts.no_speech_threshold
                    and opts.logprob_threshold is not None and avg < opts.logprob_threshold)
         if (failed and not silence and it.temp_index + 1 < len(opts.temperatures)
-                and self.stats.degradation < 1):  # degraded: no fallback, keep this decode
+                and self.stats.degradation < NO_FALLBACK):  # degraded: keep this decode
             return _Outcome(retry=True)
         no_speech = opts.no_speech_threshold
         skip = no_speech is not None and row.no_speech_prob > no_speech
@@ -799,7 +801,7 @@ class Engine:
         text_tokens = [t for p in pieces for t in p.tokens]
         text_lp: list[float] = []
         speech = tuple(getattr(window, "speech", ()) or ())
-        if text_tokens and self.stats.degradation >= 3:
+        if text_tokens and self.stats.degradation >= NO_ALIGNMENT:
             # degraded: no word alignment; the decode's own token log-probabilities, if any
             eot = tok.eot
             text_lp = [lp for t, lp in zip(tokens, getattr(row, "token_logprobs", ()) or (),

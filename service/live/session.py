@@ -436,14 +436,13 @@ class LiveSession:
         results = self._transcribe(window, self._conditioned(self.options, src), self._cancel,
                                    FINAL_PRIORITY)
         segments = [_segment(s, src.name) for r in results for s in r.segments]
-        # as transcribe() does: text decoded at a high temperature does not condition the next
-        if all(s.temperature <= 0.5 for r in results for s in r.segments):
-            with src.lock:
-                src.context.extend(s.text.strip() for r in results for s in r.segments
-                                   if s.text.strip())
-        else:
-            with src.lock:
+        texts = [s.text.strip() for r in results for s in r.segments if s.text.strip()]
+        sampled = any(s.temperature > 0.5 for r in results for s in r.segments)
+        with src.lock:
+            if sampled:  # as transcribe(): text of a high-temperature decode conditions nothing
                 src.context.clear()
+            else:
+                src.context.extend(texts)
         final = pb.LiveFinal(source=src.name, utterance=utt.index,
                              start=round(utt.start / SAMPLE_RATE, 3),
                              end=round(utt.end / SAMPLE_RATE, 3),

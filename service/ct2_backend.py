@@ -133,8 +133,8 @@ class CT2Backend:
 
     def decode(self, features: ctranslate2.StorageView, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
-               should_stop: Callable[[], bool],
-               seeds: Sequence[int] | None = None) -> list[CT2Row]:
+               should_stop: Callable[[], bool], seeds: Sequence[int] | None = None,
+               batch_invariant: bool = True) -> list[CT2Row]:
         out: list[CT2Row | None] = [None] * len(initial)
         groups = [[i for i, t in enumerate(temperatures) if t == 0]]
         # a sampled row alone, after seeding CTranslate2's generator with its seed: what it

@@ -289,44 +289,46 @@ class BatchDecoder:
         return x.view(b, t, self.n_head, d // self.n_head).transpose(1, 2)
 
     def _forward(self, tokens: torch.Tensor, offset: int, cache: list[list[torch.Tensor]],
-                 cross: list[tuple[torch.Tensor, torch.Tensor]]) -> torch.Tensor:
+                 cross: list[tuple[torch.Tensor, torch.Tensor]], min_rows: int) -> torch.Tensor:
         """tokens (B, T) at positions offset..offset+T-1 → hidden states (B, T, d) after ln."""
         t = tokens.shape[1]
         x = self.emb[tokens] + self.pos[offset:offset + t]
         for layer, kv, (ck, cv) in zip(self.layers, cache, cross, strict=True):
             h = _ln(x, layer.ln1)
-            q, k, v = self._linear(h, layer.qkv_w, layer.qkv_b).chunk(3, dim=-1)
+            q, k, v = self._linear(h, layer.qkv_w, layer.qkv_b, min_rows).chunk(3, dim=-1)
             kv[0][:, :, :, offset:offset + t] = self._heads(k).transpose(-1, -2)
             kv[1][:, :, offset:offset + t] = self._heads(v)
             a = self._attn(self._heads(q), kv[0][..., :offset + t], kv[1][:, :, :offset + t],
                            causal=t > 1)
-            x = x + self._linear(a, *layer.out)
+            x = x + self._linear(a, *layer.out, min_rows)
             h = _ln(x, layer.ln2)
-            a = self._attn(self._heads(self._linear(h, *layer.cq)), ck, cv, causal=False)
-            x = x + self._linear(a, *layer.cout)
+            a = self._attn(self._heads(self._linear(h, *layer.cq, min_rows)), ck, cv, causal=False)
+            x = x + self._linear(a, *layer.cout, min_rows)
             h = _ln(x, layer.ln3)
-            x = x + self._linear(F.gelu(self._linear(h, *layer.fc1)), *layer.fc2)
+            x = x + self._linear(F.gelu(self._linear(h, *layer.fc1, min_rows)), *layer.fc2,
+                                 min_rows)
         return _ln(x, self.ln)
 
-    def _linear(self, x: torch.Tensor, weight: torch.Tensor,
-                bias: torch.Tensor | None = None) -> torch.Tensor:
+    @staticmethod
+    def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                min_rows: int) -> torch.Tensor:
         """F.linear whose result for a row does not depend on the other rows (CPU): inputs of
         fewer than `min_rows` rows are padded with zero rows (see BATCH_INVARIANT_ROWS)."""
         rows = x.reshape(-1, x.shape[-1])
-        if rows.shape[0] >= self.min_rows:
+        if rows.shape[0] >= min_rows:
             return F.linear(x, weight, bias)
-        padded = rows.new_zeros((self.min_rows, rows.shape[1]))
+        padded = rows.new_zeros((min_rows, rows.shape[1]))
         padded[:rows.shape[0]] = rows
         out = F.linear(padded, weight, bias)[:rows.shape[0]]
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
-    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return self._linear(hidden, self.emb_t.T).float()
+    def _logits(self, hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
+        return self._linear(hidden, self.emb_t.T, None, min_rows).float()
 
     def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers) -> torch.Tensor:
         """Logits for a decode step: bf16 on CPU (see __init__), exact rescoring later."""
         if self.emb_lp is None:
-            return self._logits(hidden)
+            return self._logits(hidden, bufs.min_rows)
         n = hidden.shape[0]
         low = torch.matmul(hidden.to(torch.bfloat16), self.emb_lp, out=bufs.low[:n])
         return bufs.logits[:n].copy_(low)
@@ -387,12 +389,17 @@ class BatchDecoder:
         should_stop: Callable[[], bool] | None = None,
         check_every: int = 8,
         seeds: Sequence[int] | None = None,
+        batch_invariant: bool = True,
     ) -> list[RowResult]:
         """Decode every row of `features` (B, 1500, d) from `initial` tokens (B, L0), each at its
         own temperature, until every row has emitted eot or `sample_len` tokens. A row sampled
         at a temperature > 0 draws from its own generator seeded with `seeds[row]` (default 0):
-        the same row and seed sample the same tokens in any batch."""
+        the same row and seed sample the same tokens in any batch. `batch_invariant=False`:
+        no padding rows (a lone CPU row decodes in about half the time, but its
+        log-probabilities may differ in the last digits from the same row in a bigger batch)."""
         n, l0 = initial.shape
+        min_rows = self.min_rows if batch_invariant else 1
+        cpu = self.device.type == "cpu"
         dev = self.device
         d = self.emb.shape[1]
         hd = d // self.n_head
@@ -402,7 +409,7 @@ class BatchDecoder:
                   torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
                  for _ in self.layers]
         bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None,
-                                     min_rows=self.min_rows)
+                                     min_rows=min_rows)
         cross = self._cross_state(features)
         first_cross = cross
         slot = list(range(n))  # where each row's state lives in the batch tensors
@@ -424,9 +431,9 @@ class BatchDecoder:
         tokens_in = initial.to(dev)
         offset = 0
         for step in range(min(self.sample_len, max_len - l0)):
-            hidden = self._forward(tokens_in, offset, cache, cross)
+            hidden = self._forward(tokens_in, offset, cache, cross, min_rows)
             if step == 0:
-                probs = self._logits(hidden[:, sot_index]).softmax(dim=-1)
+                probs = self._logits(hidden[:, sot_index], min_rows).softmax(dim=-1)
                 no_speech = probs[:, self.tok.no_speech].cpu()
             offset += tokens_in.shape[1]
             logits = self._step_logits(hidden[:, -1], bufs)
@@ -446,7 +453,9 @@ class BatchDecoder:
             penult, last = last, nxt
             tokens_in = nxt[:, None]
 
-            if (step + 1) % check_every:
+            # a CPU can check each step at no cost (no device sync): a lone row stops on its eot
+            # instead of running up to check_every - 1 more steps
+            if (step + 1) % check_every and not (cpu and bool(done.all())):
                 continue
             if should_stop is not None and should_stop():
                 break

@@ -102,9 +102,13 @@ class Backend(Protocol):
 
     def detect_language(self, features: Any, rows: list[int]) -> list[str]: ...
 
+    # batch_invariant: each row's result must not depend on the other rows of the batch (the
+    # same audio, the same text and log-probabilities, whatever shares its batch); False:
+    # fastest for these rows (an engine may ignore it)
     def decode(self, features: Any, initial: list[list[int]], temperatures: Sequence[float], *,
                sot_index: int, should_stop: Callable[[], bool],
-               seeds: Sequence[int] | None = None) -> Sequence[DecodedRow]: ...
+               seeds: Sequence[int] | None = None,
+               batch_invariant: bool = True) -> Sequence[DecodedRow]: ...
 
     def align(self, features: Any, index: int, row: Any, text_tokens: list[int],
               num_frames: int) -> tuple[list[timing.WordTiming], list[float]]: ...
@@ -317,7 +321,8 @@ class Engine:
         the audio position the job has reached (from the worker thread). `priority`: a batch
         is filled from the jobs of the highest priority with windows waiting first (live audio
         passes a higher one than batch jobs' 0); within a priority the least-served job's
-        windows go first."""
+        windows go first. A batch of prioritised rows only is decoded for latency, not batch
+        invariance (see Backend.decode): a live final of one row takes about half the time."""
         if self.failure is not None:
             raise JobError(grpc.StatusCode.UNAVAILABLE, self.failure)
         if not self.running:
@@ -637,7 +642,7 @@ class Engine:
         seeds = [zlib.crc32(np.ascontiguousarray(a).tobytes(), it.temp_index) if t > 0 else 0
                  for a, it, t in zip(audio, items, temps, strict=True)]
         rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop,
-                         seeds=seeds)
+                         seeds=seeds, batch_invariant=any(j.priority <= 0 for j in jobs))
         t2, paused_decode = time.perf_counter(), paused[0]
         # judge rows (and align words) outside the lock; apply the outcomes under it
         outcomes: list[_Outcome | None] = []

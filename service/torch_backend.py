@@ -74,10 +74,11 @@ class TorchBackend:
 
     def decode(self, features: torch.Tensor, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
-               should_stop: Callable[[], bool],
-               seeds: Sequence[int] | None = None) -> list[RowResult]:
+               should_stop: Callable[[], bool], seeds: Sequence[int] | None = None,
+               batch_invariant: bool = True) -> list[RowResult]:
         return self.decoder.decode(features, torch.tensor(initial), temperatures,
-                                   sot_index=sot_index, should_stop=should_stop, seeds=seeds)
+                                   sot_index=sot_index, should_stop=should_stop, seeds=seeds,
+                                   batch_invariant=batch_invariant)
 
     def align(self, features: torch.Tensor, index: int, row: RowResult, text_tokens: list[int],
               num_frames: int) -> tuple[list[timing.WordTiming], list[float]]:

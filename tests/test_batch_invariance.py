@@ -85,3 +85,35 @@ def test_same_clip_same_transcript_through_a_server(tmp_path: Path) -> None:
     same = [r for r, s in zip(results, sources, strict=True) if s == clip]
     key = [[(s.start, s.end, s.text, s.avg_logprob) for s in r.segments] for r in same]
     assert same[0].text and all(k == key[0] for k in key), [r.text for r in same]
+
+
+def test_prioritised_rows_decode_unpadded_to_the_same_text(clips: dict[str, np.ndarray]) -> None:
+    """Live audio's rows (priority > 0) skip the padding that makes a row batch-invariant (a
+    lone final decodes in about half the time on a CPU): the text and timings are still those of
+    the invariant decode; only log-probabilities may move in their last digits."""
+    from longscribe.service.decoding import BatchDecoder
+
+    eng = Engine(load_model(), batch_size=8)
+    calls: list[bool] = []
+    decode = BatchDecoder.decode
+
+    def recording(self: BatchDecoder, *args: object, **kwargs: object) -> object:
+        calls.append(bool(kwargs.get("batch_invariant", True)))
+        return decode(self, *args, **kwargs)
+
+    eng.start()
+    try:
+        BatchDecoder.decode = recording  # type: ignore[method-assign]
+        results = {}
+        for priority in (0, 1):
+            windows = Segmenter().windows(chunks(clips["jfk"]))
+            results[priority] = list(eng.transcribe(windows, DecodeOptions(), threading.Event(),
+                                                    priority=priority))
+    finally:
+        BatchDecoder.decode = decode  # type: ignore[method-assign]
+        eng.stop()
+    assert True in calls and False in calls
+    batch, live = (_segments(results[p]) for p in (0, 1))
+    assert batch and "ask not what your country" in " ".join(s[2] for s in batch).lower()
+    assert [s[:3] for s in live] == [s[:3] for s in batch]
+    assert [[w[:3] for w in s[5]] for s in live] == [[w[:3] for w in s[5]] for s in batch]

@@ -1,5 +1,6 @@
 """Transcript renderings (txt, srt, vtt, json) made with openai-whisper's own writers, so our
-subtitles match what `whisper --output_format` produces."""
+subtitles match what `whisper --output_format` produces. JSON is what WriteJSON writes (the
+result dict, words included), indented, and built a segment at a time."""
 
 from __future__ import annotations
 
@@ -40,16 +41,30 @@ def segment_dicts(segments: Sequence[pb.Segment], *, words: bool = True,
 def render(fmt: str, text: str, segments: Sequence[pb.Segment], language: str) -> str:
     if fmt not in _WRITERS:
         raise ValueError(f"unknown format {fmt!r}; choose one of {sorted(_WRITERS)}")
+    if fmt == "json":
+        return _json(text, segments, language)
     # subtitles stay one cue per segment: given words, whisper's writers rebuild cues from them
     result = {"text": text, "segments": segment_dicts(segments, words=fmt == "json"),
               "language": language}
     buffer = io.StringIO()
     # The writers only use output_dir in __call__; write_result takes the file directly.
     _WRITERS[fmt](output_dir=".").write_result(result, file=buffer)
-    if fmt == "json":
-        # WriteJSON writes compact JSON; reformat readably (same content).
-        return json.dumps(json.loads(buffer.getvalue()), ensure_ascii=False, indent=2) + "\n"
     return buffer.getvalue()
+
+
+def _json(text: str, segments: Sequence[pb.Segment], language: str) -> str:
+    """json.dumps(WriteJSON's dict, indent=2), one segment's dict at a time: a 3-hour
+    transcript's word dicts all at once were ~50 MB at the end of its job."""
+    def dumps(value: Any) -> str:
+        return json.dumps(value, ensure_ascii=False, indent=2)
+
+    parts = ['{\n  "text": ', dumps(text), ',\n  "segments": [']
+    for i, segment in enumerate(segments):
+        parts.append(",\n    " if i else "\n    ")
+        parts.append(dumps(segment_dicts([segment])[0]).replace("\n", "\n    "))
+    parts.append("\n  ]" if segments else "]")
+    parts.append(f',\n  "language": {dumps(language)}\n}}\n')
+    return "".join(parts)
 
 
 def all_formats(text: str, segments: Sequence[pb.Segment], language: str) -> pb.Formats:

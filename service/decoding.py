@@ -180,22 +180,28 @@ class AudioEncoder:
     def encode(self, audio: Sequence[np.ndarray],
                progress: Callable[[float], None] | None = None) -> torch.Tensor:
         """Windows (each ≤ 30 s of 16 kHz float32) → audio features (B, 1500, d).
-        `progress(fraction)` after each slice."""
+        `progress(fraction)` after each encoder block of each slice: the engine's safe points,
+        where a live final need not wait for a whole encoder pass (~0.3 s for one CPU row)."""
         # On CPU the encoder runs a few windows at a time: its matmuls are already large enough
         # at that size, and its activations (hundreds of MB for a whole batch) stay small.
         step = len(audio) if self.device.type == "cuda" else ENCODE_SLICE_CPU
         out: torch.Tensor | None = None
         for start in range(0, len(audio), step):
-            part = self._encode(audio[start:start + step])
+            size = min(step, len(audio) - start)
+
+            def blocks_done(fraction: float, start: int = start, size: int = size) -> None:
+                if progress is not None:
+                    progress((start + fraction * size) / len(audio))
+
+            part = self._encode(audio[start:start + step], blocks_done)
             if out is None:
                 out = part.new_empty((len(audio), *part.shape[1:]))
             out[start:start + len(part)] = part
-            if progress is not None:
-                progress((start + len(part)) / len(audio))
         assert out is not None, "encode() needs at least one window"
         return out
 
-    def _encode(self, audio: Sequence[np.ndarray]) -> torch.Tensor:
+    def _encode(self, audio: Sequence[np.ndarray],
+                blocks_done: Callable[[float], None]) -> torch.Tensor:
         batch = np.zeros((len(audio), N_SAMPLES), dtype=np.float32)
         for i, a in enumerate(audio):
             batch[i, : min(len(a), N_SAMPLES)] = a[:N_SAMPLES]
@@ -205,8 +211,19 @@ class AudioEncoder:
             # CPU with AMX: the encoder's matmuls in bf16; layer norms, softmax and the
             # residual stream stay fp32
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self.model.encoder(mel).float()
-        return self.model.encoder(mel)
+                return self._blocks(mel, blocks_done).float()
+        return self._blocks(mel, blocks_done)
+
+    def _blocks(self, mel: torch.Tensor, blocks_done: Callable[[float], None]) -> torch.Tensor:
+        """whisper's AudioEncoder.forward, step for step, with a call after each block."""
+        enc = self.model.encoder
+        x = F.gelu(enc.conv1(mel))
+        x = F.gelu(enc.conv2(x)).permute(0, 2, 1)
+        x = (x + enc.positional_embedding).to(x.dtype)
+        for i, block in enumerate(enc.blocks):
+            x = block(x)
+            blocks_done((i + 1) / len(enc.blocks))
+        return enc.ln_post(x)
 
 
 class BatchDecoder:

@@ -606,14 +606,23 @@ class Engine:
             self._preempt(items, budget)
             paused[0] += time.perf_counter() - t
 
+        jobs = [it.job for it in items]
+
         def encoded(fraction: float) -> None:
             report(0.3 * fraction)
             safe_point()
+            if all(j.dead for j in jobs):
+                raise _Abandoned  # cancelled (a partial a final replaces): stop encoding
 
         t0 = time.perf_counter()
-        features = bd.encode(audio, encoded)
+        try:
+            features = bd.encode(audio, encoded)
+        except _Abandoned:
+            return
         report(0.3)
         safe_point()
+        if all(j.dead for j in jobs):
+            return
         t1, paused_encode = time.perf_counter(), paused[0]
         languages = ["en"] * len(items)
         if self.is_multilingual:
@@ -627,7 +636,6 @@ class Engine:
                    for it, lang in zip(items, languages, strict=True)]
         sot_index = initial[0].index(self._tokenizer.sot)
         temps = [it.job.options.temperatures[it.temp_index] for it in items]
-        jobs = [it.job for it in items]
         checks = 0
 
         def should_stop() -> bool:  # called every few decode steps
@@ -844,6 +852,10 @@ class Engine:
                 no_speech_prob=row.no_speech_prob, compression_ratio=ratio,
                 temperature=temperature, words=words))
         return segs, int(min(consumed, available))
+
+
+class _Abandoned(Exception):
+    """Every job of the batch being encoded is gone."""
 
 
 def _speech_in(window: Any, from_sample: int, to_sample: int) -> bool:

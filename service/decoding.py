@@ -48,7 +48,7 @@ def cpu_has_amx() -> bool:
 # 2-3 and 4+). Every decoder matmul runs on at least this many rows (zero rows padded), where a
 # row's result no longer depends on the other rows or its place among them.
 BATCH_INVARIANT_ROWS = 16
-RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after bf16 logits
+RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after approximate logits
 
 
 def compression_ratio(text: str) -> float:
@@ -129,6 +129,27 @@ class _StepBuffers:
             self.scratch[n:self.min_rows].zero_()  # padding rows (an earlier step's values)
         shifted = self.scratch[:max(n, self.min_rows)]
         return shifted.exp_().sum(dim=-1)[:n].log_() + top.squeeze(1)
+
+
+@dataclass(frozen=True)
+class _Int8Matrix:
+    """A (d, n) fp32 matrix as int8 with a scale per column, multiplied by rows quantised to
+    int8 with a scale per row (symmetric, round to nearest): x @ m to about 1 % of its range."""
+
+    values: torch.Tensor  # (d, n) int8
+    scale: torch.Tensor  # (n,) fp32
+
+    @classmethod
+    def of(cls, m: torch.Tensor) -> _Int8Matrix:
+        scale = m.abs().amax(dim=0).clamp(min=1e-12) / 127
+        return cls(torch.round(m / scale).to(torch.int8).contiguous(), scale.float())
+
+    def matmul(self, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        x = x.float()
+        row_scale = x.abs().amax(dim=1, keepdim=True).clamp(min=1e-12) / 127
+        xq = torch.round(x / row_scale).to(torch.int8)
+        torch.mul(torch._int_mm(xq, self.values), self.scale, out=out)
+        return out.mul_(row_scale)
 
 
 class _Layer:
@@ -239,15 +260,21 @@ class BatchDecoder:
         self.n_ctx = model.dims.n_text_ctx
         self.sample_len = self.n_ctx // 2
         self.emb = dec.token_embedding.weight.detach().to(dtype)
-        self.emb_t = self.emb.T.contiguous()  # (d, vocab) for the logits matmul
-        # On a CPU with matrix units (AMX) the per-step vocabulary matmul is memory-bound:
-        # score it in bf16 (half the bytes) and rescore the top text and timestamp candidates
-        # of each row in fp32, so the choices and the probabilities that decide them are the
-        # fp32 ones. With AVX512-BF16 alone the bf16 vocabulary matmul is slower than fp32 at
-        # 32 rows and more.
-        self.emb_lp = (self.emb_t.to(torch.bfloat16)
-                       if self.device.type == "cpu" and dtype == torch.float32 and cpu_has_amx()
+        # The per-step vocabulary matmul (a third of a CPU decode step in fp32) is scored
+        # approximately, then the RESCORE best text and timestamp candidates of each row are
+        # rescored in fp32, so the choices and the probabilities that decide them are the fp32
+        # ones: on a CPU with matrix units (AMX) in bf16 (half the bytes); elsewhere on CPU in
+        # int8 (a quarter; integer products are exact, so a row's scores do not depend on the
+        # other rows of its batch). With AVX512-BF16 alone, bf16 was slower than fp32.
+        cpu32 = self.device.type == "cpu" and dtype == torch.float32
+        self.emb_lp = (self.emb.T.contiguous().to(torch.bfloat16) if cpu32 and cpu_has_amx()
                        else None)
+        self.emb_i8: _Int8Matrix | None = (
+            _Int8Matrix.of(self.emb.T) if cpu32 and self.emb_lp is None else None)
+        self.approximate = self.emb_lp is not None or self.emb_i8 is not None
+        # exact logits (every step on GPU, the first step's no-speech probability on CPU), as
+        # F.linear takes them; stored (d, vocab) on GPU, the CPU reads the embedding as it is
+        self.logit_weight = self.emb if self.approximate else self.emb.T.contiguous().T
         # The cross-attention keys and values of a CPU batch (~18 MB a row at fp32, the
         # batch's largest state) in bf16 where the CPU has bf16 units: half the memory and the
         # bandwidth; the softmax over the scores stays fp32.
@@ -340,13 +367,15 @@ class BatchDecoder:
         return out.reshape(*x.shape[:-1], weight.shape[0])
 
     def _logits(self, hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
-        return self._linear(hidden, self.emb_t.T, None, min_rows).float()
+        return self._linear(hidden, self.logit_weight, None, min_rows).float()
 
     def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers) -> torch.Tensor:
-        """Logits for a decode step: bf16 on CPU (see __init__), exact rescoring later."""
+        """Logits for a decode step: approximate on CPU (see __init__), exact rescoring later."""
+        n = hidden.shape[0]
+        if self.emb_i8 is not None:
+            return self.emb_i8.matmul(hidden, out=bufs.logits[:n])
         if self.emb_lp is None:
             return self._logits(hidden, bufs.min_rows)
-        n = hidden.shape[0]
         low = torch.matmul(hidden.to(torch.bfloat16), self.emb_lp, out=bufs.low[:n])
         return bufs.logits[:n].copy_(low)
 
@@ -387,7 +416,7 @@ class BatchDecoder:
         else:
             logits[:, :tb] = neg
             logits[:, tb + self.max_initial_ts + 1:] = neg
-        if hidden is not None and self.emb_lp is not None:
+        if hidden is not None and self.approximate:
             self._rescore(logits, hidden)
         # whisper compares log-probabilities; their shared normaliser cancels out
         ts_lp = logits[:, tb:].logsumexp(dim=-1)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from whisper import timing
 from whisper.model import Whisper, disable_sdpa
-from whisper.timing import TOKENS_PER_SECOND, median_filter
+from whisper.timing import TOKENS_PER_SECOND
 from whisper.tokenizer import Tokenizer
 
 from .transcriber import APPEND_PUNCTUATION, PREPEND_PUNCTUATION, SAMPLE_RATE
@@ -89,6 +89,32 @@ def _dtw(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return text[:k][::-1].copy(), time[:k][::-1].copy()
 
 
+# A median-of-7 selection network (Devillard's 13 comparators): (i, j, keep min, keep max).
+# Only the outputs read later are computed; the median ends up in position 3.
+_MEDIAN7 = ((0, 5, True, True), (0, 3, True, True), (1, 6, True, True), (2, 4, True, True),
+            (0, 1, False, True), (3, 5, True, True), (2, 6, True, True), (2, 3, False, True),
+            (3, 6, True, False), (4, 5, True, False), (1, 4, True, True), (1, 3, False, True),
+            (3, 4, True, False))
+
+
+def median_filter7(x: torch.Tensor) -> torch.Tensor:
+    """whisper.timing.median_filter(x, 7) (reflect padding, along the last axis), the same
+    values, from elementwise min/max instead of sorting every 7-frame window (4x faster on
+    CPU; it was three quarters of the alignment's time)."""
+    n = x.shape[-1]
+    if n <= 3:  # reflect padding needs more frames than it pads; whisper returns x as is
+        return x
+    padded = torch.nn.functional.pad(x, (3, 3), mode="reflect")
+    v: list[torch.Tensor] = [padded[..., i:i + n] for i in range(7)]
+    for i, j, low, high in _MEDIAN7:
+        a, b = v[i], v[j]
+        if low:
+            v[i] = torch.minimum(a, b)
+        if high:
+            v[j] = torch.maximum(a, b)
+    return v[3]
+
+
 def warm_up() -> None:
     """Load (or, on the first run after an install, compile) the DTW kernel."""
     _dtw(np.zeros((2, 3), dtype=np.float64))
@@ -134,8 +160,10 @@ def word_timings(model: Whisper, tok: Tokenizer, features: torch.Tensor, text_to
             h.remove()
     weights = torch.stack([qks[layer][head] for layer, head in heads]).float()
     weights = weights[:, :, : max(num_frames // 2, 1)].softmax(dim=-1)
-    std, mean = torch.std_mean(weights, dim=-2, keepdim=True, unbiased=False)
-    weights = median_filter((weights - mean) / (std + 1e-9), 7)
+    # two passes of plain reductions: 5x faster than std_mean across the token axis on CPU
+    mean = weights.mean(dim=-2, keepdim=True)
+    std = (weights - mean).square().mean(dim=-2, keepdim=True).sqrt()
+    weights = median_filter7((weights - mean) / (std + 1e-9))
     matrix = weights.mean(dim=0)[len(sot):-1]
     text_idx, time_idx = _dtw(np.ascontiguousarray(-matrix.double().cpu().numpy()))
     return words_from_path(tok, text_tokens, text_idx, time_idx)

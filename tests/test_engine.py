@@ -244,6 +244,18 @@ def test_cached_dtw_matches_whispers() -> None:
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
 
 
+def test_median_filter_matches_whispers() -> None:
+    from longscribe.service.engine_align import median_filter7
+    from whisper.timing import median_filter
+
+    gen = torch.Generator().manual_seed(0)
+    for shape in ((8, 30, 3), (8, 30, 4), (2, 5, 7), (8, 100, 1500)):
+        x = torch.randn(*shape, generator=gen)
+        assert torch.equal(median_filter7(x), median_filter(x, 7)), shape
+        ties = x.round()  # many equal values in a window
+        assert torch.equal(median_filter7(ties), median_filter(ties, 7)), shape
+
+
 def test_step_logsumexp_matches_torch() -> None:
     from longscribe.service.decoding import _StepBuffers
 

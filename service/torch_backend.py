@@ -10,6 +10,7 @@ import numpy as np
 import torch
 import whisper
 from whisper import timing
+from whisper.audio import HOP_LENGTH
 from whisper.tokenizer import Tokenizer, get_tokenizer
 
 from . import memory
@@ -47,14 +48,16 @@ class TorchBackend:
     def warm_up(self) -> None:
         """Before SERVING: the first job should be as fast as the second. One small batch
         through the encoder and the decode loop builds the kernels' primitives for these
-        shapes; the word-alignment kernel is compiled or loaded."""
+        shapes; the word alignment runs once (its DTW kernel compiled or loaded)."""
         warm_up()
         tok = self.tokenizer
         rng = np.random.default_rng(0)
         audio = [(0.01 * rng.standard_normal(30 * 16000)).astype(np.float32)] * 2
         features = self.encode(audio)
-        self.decoder.decode(features, torch.tensor([list(tok.sot_sequence)] * 2), [0.0, 0.0],
-                            sot_index=0, should_stop=lambda: False)
+        rows = self.decoder.decode(features, torch.tensor([list(tok.sot_sequence)] * 2),
+                                   [0.0, 0.0], sot_index=0, should_stop=lambda: False)
+        self.align(features, 0, rows[0], tok.encode(" Warming up the word alignment."),
+                   len(audio[0]) // HOP_LENGTH)
 
     def on_worker_thread(self, threads: int | None) -> None:
         if self.cuda and self.device.index is not None:

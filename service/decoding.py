@@ -49,6 +49,7 @@ def cpu_has_amx() -> bool:
 # row's result no longer depends on the other rows or its place among them.
 BATCH_INVARIANT_ROWS = 16
 RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after approximate logits
+APPROXIMATE_MIN_ROWS = 8  # unpadded batches (live rows) of fewer rows score the vocabulary exactly
 
 
 def compression_ratio(text: str) -> float:
@@ -369,9 +370,12 @@ class BatchDecoder:
     def _logits(self, hidden: torch.Tensor, min_rows: int) -> torch.Tensor:
         return self._linear(hidden, self.logit_weight, None, min_rows).float()
 
-    def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers) -> torch.Tensor:
+    def _step_logits(self, hidden: torch.Tensor, bufs: _StepBuffers,
+                     approximate: bool) -> torch.Tensor:
         """Logits for a decode step: approximate on CPU (see __init__), exact rescoring later."""
         n = hidden.shape[0]
+        if not approximate:
+            return self._logits(hidden, bufs.min_rows)
         if self.emb_i8 is not None:
             return self.emb_i8.matmul(hidden, out=bufs.logits[:n])
         if self.emb_lp is None:
@@ -416,7 +420,7 @@ class BatchDecoder:
         else:
             logits[:, :tb] = neg
             logits[:, tb + self.max_initial_ts + 1:] = neg
-        if hidden is not None and self.approximate:
+        if hidden is not None:
             self._rescore(logits, hidden)
         # whisper compares log-probabilities; their shared normaliser cancels out
         ts_lp = logits[:, tb:].logsumexp(dim=-1)
@@ -445,6 +449,9 @@ class BatchDecoder:
         log-probabilities may differ in the last digits from the same row in a bigger batch)."""
         n, l0 = initial.shape
         min_rows = self.min_rows if batch_invariant else 1
+        # a batch-invariant row is always scored the same way; a few unpadded rows score
+        # faster exactly (the candidates' rescoring costs more than the smaller matmul saves)
+        approximate = self.approximate and (batch_invariant or n >= APPROXIMATE_MIN_ROWS)
         cpu = self.device.type == "cpu"
         dev = self.device
         d = self.emb.shape[1]
@@ -482,8 +489,9 @@ class BatchDecoder:
                 probs = self._logits(hidden[:, sot_index], min_rows).softmax(dim=-1)
                 no_speech = probs[:, self.tok.no_speech].cpu()
             offset += tokens_in.shape[1]
-            logits = self._step_logits(hidden[:, -1], bufs)
-            self._apply_rules(logits, step, last, penult, ts_max, hidden[:, -1])
+            logits = self._step_logits(hidden[:, -1], bufs, approximate)
+            self._apply_rules(logits, step, last, penult, ts_max,
+                              hidden[:, -1] if approximate else None)
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step
                 nxt = self._sample(logits, nxt, temps, rows, generators)

@@ -36,6 +36,7 @@ log = logging.getLogger(__name__)
 
 FINISH_TIMEOUT = 300.0  # seconds to transcribe what is queued when a stream ends
 BLOCK_POLL = 0.02  # seconds between tries to queue a frame under the "block" policy
+CANCEL_GRACE = 0.25  # seconds between the end of the request stream and the end of the session
 
 
 @dataclass(frozen=True)
@@ -83,7 +84,7 @@ async def transcribe_live(request_iterator: AsyncIterator[pb.LiveRequest], conte
         await context.abort(exc.code, bounded(exc.message))
         return
     session.on_fail = lambda error: emit(_Failed(error))
-    reader = asyncio.create_task(_read(request_iterator, context, session, runtime, out))
+    reader = asyncio.create_task(_read(request_iterator, session, runtime, out))
     finished = False
     try:
         while True:
@@ -114,8 +115,8 @@ async def _next(request_iterator: AsyncIterator[pb.LiveRequest]) -> pb.LiveReque
         return None
 
 
-async def _read(request_iterator: AsyncIterator[pb.LiveRequest], context: Any,
-                session: LiveSession, runtime: LiveRuntime, out: asyncio.Queue[Any]) -> None:
+async def _read(request_iterator: AsyncIterator[pb.LiveRequest], session: LiveSession,
+                runtime: LiveRuntime, out: asyncio.Queue[Any]) -> None:
     """Frames into the session until the client closes its side; then the end."""
     try:
         async for request in request_iterator:
@@ -134,10 +135,10 @@ async def _read(request_iterator: AsyncIterator[pb.LiveRequest], context: Any,
         done = await asyncio.to_thread(session.finish, FINISH_TIMEOUT)
         if session.error is not None:
             return  # on_fail has told the handler
-        if context.cancelled():
-            # a cancelled call also ends the request stream: the client vanished rather than
-            # closed its side, so the handler detaches the session (resumable), not ends it
-            return
+        # A client's cancel also ends the request stream, and the handler learns of it a moment
+        # later (it is cancelled, and cancels this task): wait that moment before ending the
+        # session for good, so a client that vanished is detached (resumable) instead.
+        await asyncio.sleep(CANCEL_GRACE)
         if not done:
             raise JobError(grpc.StatusCode.DEADLINE_EXCEEDED,
                            f"the session's audio was not transcribed within {FINISH_TIMEOUT:.0f} s "

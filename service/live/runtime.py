@@ -141,8 +141,9 @@ class LiveRuntime:
         session.wait_quiet()
         duration = max(session.positions().values(), default=0) / SAMPLE_RATE
         with self._cond:
-            if self._sessions.get(session.session_id) is session:
-                del self._sessions[session.session_id]
+            if self._sessions.get(session.session_id) is not session:
+                return  # already ended (a stream's end and its cancel both got here)
+            del self._sessions[session.session_id]
             if detach and error is None and not self._stopping:
                 self._detached[session.session_id] = _Detached(
                     None, session.positions(), session.next_utterances(),

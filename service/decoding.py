@@ -272,7 +272,6 @@ class BatchDecoder:
                        else None)
         self.emb_i8: _Int8Matrix | None = (
             _Int8Matrix.of(self.emb.T) if cpu32 and self.emb_lp is None else None)
-        self.approximate = self.emb_lp is not None or self.emb_i8 is not None
         # exact logits (every step on GPU, the first step's no-speech probability on CPU), as
         # F.linear takes them; stored (d, vocab) on GPU, the CPU reads the embedding as it is
         self.logit_weight = self.emb if self.approximate else self.emb.T.contiguous().T
@@ -303,6 +302,11 @@ class BatchDecoder:
         self.blank[tokenizer.encode(" ") + [self.eot]] = True
         self.max_initial_ts = round(1.0 / TIME_PRECISION)  # whisper's max_initial_timestamp=1.0
         self.vocab_ids = torch.arange(vocab, device=self.device)
+
+    @property
+    def approximate(self) -> bool:
+        """Whether decode steps score the vocabulary approximately (CPU; see __init__)."""
+        return self.emb_lp is not None or self.emb_i8 is not None
 
     # --- encoder -----------------------------------------------------------------------------
     def encode(self, audio: Sequence[np.ndarray],
@@ -378,8 +382,7 @@ class BatchDecoder:
             return self._logits(hidden, bufs.min_rows)
         if self.emb_i8 is not None:
             return self.emb_i8.matmul(hidden, out=bufs.logits[:n])
-        if self.emb_lp is None:
-            return self._logits(hidden, bufs.min_rows)
+        assert self.emb_lp is not None
         low = torch.matmul(hidden.to(torch.bfloat16), self.emb_lp, out=bufs.low[:n])
         return bufs.logits[:n].copy_(low)
 

@@ -20,6 +20,7 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 from . import memory
 from .decoding import AudioEncoder, log_mel_batch
 from .engine_align import words_from_path
+from .torch_threads import use_engine_threads
 
 SAMPLE_LEN = 224  # new tokens per window at most (whisper's sample_len)
 
@@ -103,7 +104,9 @@ class CT2Backend:
         self.beam_size = max(1, self.full_beam_size // 2) if reduced else self.full_beam_size
 
     def on_worker_thread(self, threads: int | None) -> None:
-        pass  # CTranslate2 has its own thread pool (intra_threads)
+        # CTranslate2 has its own thread pool (intra_threads); the encoder on CPU is torch's
+        if self.encoder is not None:
+            use_engine_threads(threads)
 
     def encode(self, audio: Sequence[np.ndarray],
                progress: Callable[[float], None] | None = None) -> ctranslate2.StorageView:

@@ -401,18 +401,20 @@ class BatchDecoder:
 
     def _apply_rules(self, logits: torch.Tensor, step: int, last: torch.Tensor,
                      penult: torch.Tensor, ts_max: torch.Tensor,
-                     hidden: torch.Tensor | None = None) -> None:
-        """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once."""
+                     hidden: torch.Tensor | None = None, prefixed: bool = False) -> None:
+        """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once.
+        `prefixed`: the initial tokens end with a forced segment start and text, which the rules
+        go on from (no initial-timestamp rule)."""
         neg = float("-inf")
         tb = self.ts_begin
         if step == 0:
             logits.masked_fill_(self.blank, neg)
         logits.masked_fill_(self.suppress, neg)
-        if step > 0:
+        if step > 0 or prefixed:
             # each rule touches only its columns, with a per-row mask broadcast over them: no
             # (rows, vocab) mask is built, and the timestamp rules read 1501 columns, not 51k
             last_ts = last >= tb
-            pen_ts = (penult >= tb) if step > 1 else torch.ones_like(last_ts)
+            pen_ts = (penult >= tb) if step > 1 or prefixed else torch.ones_like(last_ts)
             stamps = logits[:, tb:]
             stamps.masked_fill_((last_ts & pen_ts)[:, None], neg)
             logits[:, :self.eot].masked_fill_((last_ts & ~pen_ts)[:, None], neg)
@@ -478,7 +480,9 @@ class BatchDecoder:
         sum_lp = torch.zeros(n, dtype=torch.float32, device=dev)
         token_lp = torch.zeros((n, self.sample_len), dtype=torch.float32, device=dev)
         done = torch.zeros(n, dtype=torch.bool, device=dev)
-        ts_max = torch.full((n,), -1, dtype=torch.long, device=dev)
+        # timestamps among the initial tokens: those of a forced prefix (Window.prefix)
+        ts_max = torch.where(initial >= self.ts_begin, initial, -1).max(dim=1).values.to(dev)
+        prefixed = bool((ts_max >= 0).any())
         last = initial[:, -1].to(dev)
         penult = initial[:, -2].to(dev) if l0 > 1 else last
         looped = [False] * n
@@ -494,7 +498,7 @@ class BatchDecoder:
             offset += tokens_in.shape[1]
             logits = self._step_logits(hidden[:, -1], bufs, approximate)
             self._apply_rules(logits, step, last, penult, ts_max,
-                              hidden[:, -1] if approximate else None)
+                              hidden[:, -1] if approximate else None, prefixed)
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step
                 nxt = self._sample(logits, nxt, temps, rows, generators)

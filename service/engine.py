@@ -16,6 +16,7 @@ import time
 import zlib
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -142,8 +143,9 @@ class EngineStats:
 
 
 class _WindowState:
-    def __init__(self, window: Any) -> None:
+    def __init__(self, window: Any, prefix: list[int]) -> None:
         self.window = window
+        self.prefix = prefix  # forced tokens after the start sequence (Window.prefix)
         self.segments: list[SegmentResult] = []
         self.language = "en"
         self.outstanding = 1  # rows still to decode for this window
@@ -182,6 +184,11 @@ class _Item:
     def end(self) -> int:
         return len(self.state.window.samples) if self.stop is None else self.stop
 
+    @property
+    def prefix(self) -> list[int]:
+        """The forced tokens, for the decode that starts at the window's start."""
+        return self.state.prefix if self.offset == 0 and not self.recovery else []
+
 
 @dataclass(eq=False)
 class _Job:
@@ -219,6 +226,8 @@ class Engine:
         self.backend: Backend = as_backend(backend)  # a whisper model runs on the torch backend
         self.name = self.backend.name
         self.is_multilingual = self.backend.is_multilingual
+        # whether a window's prefix (Window.prefix) is forced into its decode
+        self.accepts_prefix = bool(getattr(self.backend, "accepts_prefix", False))
         self.batch_size = batch_size or self.backend.default_batch_size
         self.max_batch_size = self.batch_size
         self.threads = threads
@@ -254,9 +263,15 @@ class Engine:
             if self._worker is not None:
                 return
             self._stopping = False
-            self.backend.warm_up()
-            self._worker = threading.Thread(target=self._run, name="engine-worker", daemon=True)
+            ready: Future[None] = Future()
+            self._worker = threading.Thread(target=self._run, args=(ready,),
+                                            name="engine-worker", daemon=True)
             self._worker.start()
+        try:
+            ready.result()
+        except BaseException:
+            self.stop()
+            raise
 
     def stop(self, timeout: float | None = 30.0) -> None:
         with self._cv:
@@ -381,7 +396,7 @@ class Engine:
                         self._cv.wait(0.1)
                     if job.dead:
                         return
-                    state = _WindowState(window)
+                    state = _WindowState(window, self._prefix_tokens(window))
                     job.order.append(state)
                     job.pending.append(_Item(job, state))
                     job.queued += 1
@@ -397,8 +412,16 @@ class Engine:
                 self._cv.notify_all()
 
     # --- the worker side -------------------------------------------------------------------------
-    def _run(self) -> None:
-        self.backend.on_worker_thread(self.threads)
+    def _run(self, ready: Future[None]) -> None:
+        # the warm-up runs here too: the worker is the one thread with torch's thread pool
+        # (see torch_threads), and its kernels are built on the thread that uses them
+        try:
+            self.backend.on_worker_thread(self.threads)
+            self.backend.warm_up()
+        except BaseException as e:
+            ready.set_exception(e)
+            return
+        ready.set_result(None)
         while True:
             batch = self._take_batch()
             if batch is None:
@@ -512,7 +535,7 @@ class Engine:
 
     def _key(self, item: _Item) -> tuple[Any, ...]:
         # rows of one batch need initial token sequences of one length
-        return (len(item.job.prompt),)
+        return (len(item.job.prompt), len(item.prefix))
 
     def _process(self, items: list[_Item]) -> None:
         out_of_memory = False
@@ -582,6 +605,13 @@ class Engine:
                     job.error = error
             self._cv.notify_all()
 
+    def _prefix_tokens(self, window: Any) -> list[int]:
+        """A window's prefix as the text of a segment that starts with the window."""
+        text = getattr(window, "prefix", "").strip()
+        if not text or not self.accepts_prefix:
+            return []
+        return [self._tokenizer.timestamp_begin, *self._tokenizer.encode(" " + text)]
+
     def _initial_tokens(self, job: _Job, language: str) -> list[int]:
         if self.is_multilingual:
             tok = get_tokenizer(True, num_languages=self.backend.num_languages,
@@ -632,7 +662,7 @@ class Engine:
                 languages[i] = lang
             for i, it in enumerate(items):
                 languages[i] = it.job.options.language or languages[i]
-        initial = [self._initial_tokens(it.job, lang)
+        initial = [self._initial_tokens(it.job, lang) + it.prefix
                    for it, lang in zip(items, languages, strict=True)]
         sot_index = initial[0].index(self._tokenizer.sot)
         temps = [it.job.options.temperatures[it.temp_index] for it in items]
@@ -758,7 +788,7 @@ class Engine:
                                             it.recovery))
             return
         state.outstanding -= 1
-        if state.done and not state.recovered:
+        if state.done and not state.recovered and not it.job.options.draft:
             state.recovered = True
             window = state.window
             for lo, hi in uncovered_speech(window, state.segments):
@@ -794,7 +824,8 @@ class Engine:
             last = 0
             for cur in slices:
                 part = tokens[last:cur]
-                s = (part[0] - tb) * SAMPLES_PER_TOKEN
+                # (text first: it goes on from a forced prefix, which started at the window's start)
+                s = (part[0] - tb) * SAMPLES_PER_TOKEN if part[0] >= tb else 0
                 e = (part[-1] - tb) * SAMPLES_PER_TOKEN
                 pieces.append(Piece(base + s, base + e, part))
                 last = cur
@@ -814,8 +845,8 @@ class Engine:
         text_tokens = [t for p in pieces for t in p.tokens]
         text_lp: list[float] = []
         speech = tuple(getattr(window, "speech", ()) or ())
-        if text_tokens and self.stats.degradation >= NO_ALIGNMENT:
-            # degraded: no word alignment; the decode's own token log-probabilities, if any
+        if text_tokens and (self.stats.degradation >= NO_ALIGNMENT or it.job.options.draft):
+            # degraded, or a draft: no word alignment; the decode's own token log-probabilities
             eot = tok.eot
             text_lp = [lp for t, lp in zip(tokens, getattr(row, "token_logprobs", ()) or (),
                                            strict=False) if t < eot]
@@ -827,8 +858,12 @@ class Engine:
                 # the decode closed its text with a timestamp: no words after it (aligning over
                 # the rest drags the last words onto audio it never transcribed)
                 span = min(span, (tokens[-1] - tb) * SAMPLES_PER_TOKEN + SAMPLE_RATE)
-            aligned, text_lp = self.backend.align(features, index, row, text_tokens,
+            # a prefix's words are aligned too (the text starts where the audio does), then
+            # dropped: they were transcribed before this decode
+            lead = [t for t in it.prefix if t < tok.eot]
+            aligned, text_lp = self.backend.align(features, index, row, lead + text_tokens,
                                                   max(span // HOP_LENGTH, 2))
+            aligned = _after_tokens(aligned, len(lead))
             silences = pauses(speech)
             if aligned and silences and any(p.start + MIN_PAUSE < ps and pe < p.end - MIN_PAUSE
                                             for p in pieces for ps, pe in silences):
@@ -856,6 +891,16 @@ class Engine:
 
 class _Abandoned(Exception):
     """Every job of the batch being encoded is gone."""
+
+
+def _after_tokens(words: list[Any], count: int) -> list[Any]:
+    """The aligned words after the first `count` tokens."""
+    seen, out = 0, []
+    for w in words:
+        if seen >= count:
+            out.append(w)
+        seen += len(w.tokens)
+    return out
 
 
 def _speech_in(window: Any, from_sample: int, to_sample: int) -> bool:

@@ -17,6 +17,7 @@ import whisper
 from whisper.model import Whisper
 
 from . import ct2_import
+from .torch_threads import single_threaded
 
 log = logging.getLogger(__name__)
 
@@ -155,7 +156,8 @@ def load_model(
     if half and target.type != "cuda":
         raise ModelLoadError("half precision weights need a CUDA device; CPU runs fp32")
     started = time.monotonic()
-    model = _load_cpu(spec.strip(), download_root)
+    with single_threaded():  # whatever thread loads it: no torch thread pool (torch_threads)
+        model = _load_cpu(spec.strip(), download_root)
     model = model.float().eval()
     if half:
         model.half()

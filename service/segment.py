@@ -33,6 +33,9 @@ class Window:
     # the speech spans inside the window (absolute samples): the engine splits segments at the
     # pauses between them
     speech: tuple[tuple[int, int], ...] = field(default=(), repr=False)
+    # words already transcribed from the window's start (a live partial's settled words):
+    # engines that accept a prefix force them into the decode and transcribe what follows
+    prefix: str = ""
 
     @property
     def end_sample(self) -> int:
@@ -90,13 +93,16 @@ class SileroScorer:
     def __init__(self) -> None:
         import torch
 
+        from .torch_threads import single_threaded
+
         self._torch = torch
+        self._single_threaded = single_threaded  # all its torch work: see torch_threads
         jit = _load_silero()._model
         self._stft = jit.stft
         self._encoder = jit.encoder
         rnn = jit.decoder.rnn
-        self._lstm = torch.nn.LSTM(128, 128, batch_first=False)
-        with torch.no_grad():
+        with single_threaded(), torch.no_grad():
+            self._lstm = torch.nn.LSTM(128, 128, batch_first=False)
             self._lstm.weight_ih_l0.copy_(rnn.weight_ih)
             self._lstm.weight_hh_l0.copy_(rnn.weight_hh)
             self._lstm.bias_ih_l0.copy_(rnn.bias_ih)
@@ -120,9 +126,7 @@ class SileroScorer:
         idx = np.arange(n)[:, None] * FRAME + np.arange(FRAME + self.CONTEXT)[None, :]
         x = torch.from_numpy(flat[idx])
         self._context = flat[-self.CONTEXT:].copy()
-        # no torch.set_num_threads(1) here: torch's intra-op thread count is process-wide, and
-        # the toggle, run in a feeder thread, left the engine's worker on one thread
-        with torch.inference_mode():
+        with self._single_threaded(), torch.inference_mode():  # a feeder's: see torch_threads
             feats = self._encoder(self._stft(x)).squeeze(-1)  # (n, 128)
             h, self._state = self._lstm(feats.unsqueeze(1), self._state)
             logits = torch.relu(h.squeeze(1)) @ self._head_w.T + self._head_b

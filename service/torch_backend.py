@@ -16,6 +16,7 @@ from whisper.tokenizer import Tokenizer, get_tokenizer
 from . import memory
 from .decoding import BatchDecoder, RowResult
 from .engine_align import warm_up, word_timings
+from .torch_threads import single_threaded, use_engine_threads
 
 # messages of CUDA errors after which the CUDA context is dead ("CUDA error: ..." covers the
 # sticky ones: illegal memory access, device-side assert, unspecified launch failure, ECC)
@@ -25,6 +26,7 @@ _FATAL_CUDA = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error: CUD
 
 class TorchBackend:
     name = "torch"
+    accepts_prefix = True  # forced tokens after the start sequence (Window.prefix)
 
     def __init__(self, model: whisper.model.Whisper) -> None:
         self.model = model
@@ -40,7 +42,8 @@ class TorchBackend:
         self.tokenizer: Tokenizer = get_tokenizer(
             model.is_multilingual, num_languages=model.num_languages,
             language="en" if model.is_multilingual else None, task="transcribe")
-        self.decoder = BatchDecoder(model, self.tokenizer, self.dtype)
+        with single_threaded():  # on the constructing thread: see torch_threads
+            self.decoder = BatchDecoder(model, self.tokenizer, self.dtype)
 
     def describe(self) -> str:
         return f"openai-whisper on {self.device} ({str(self.dtype).removeprefix('torch.')})"
@@ -62,8 +65,7 @@ class TorchBackend:
     def on_worker_thread(self, threads: int | None) -> None:
         if self.cuda and self.device.index is not None:
             torch.cuda.set_device(self.device)  # whisper's kernels run on the current device
-        if threads:
-            torch.set_num_threads(threads)
+        use_engine_threads(threads)
 
     def encode(self, audio: Sequence[np.ndarray],
                progress: Callable[[float], None] | None = None) -> torch.Tensor:

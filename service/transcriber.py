@@ -31,6 +31,9 @@ class DecodeOptions:
     compression_ratio_threshold: float | None = 2.4
     logprob_threshold: float | None = -1.0
     no_speech_threshold: float | None = 0.6
+    # a quick look (live partials): no word alignment, and no second decode of speech the
+    # first one skipped; the text only
+    draft: bool = False
 
 
 @dataclass(frozen=True)

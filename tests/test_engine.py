@@ -17,7 +17,7 @@ import whisper
 from longscribe.service.engine import DecodeOptions, Engine, WindowResult, transcript_text
 from longscribe.service.errors import Cancelled, JobError
 from longscribe.service.models import load_model
-from longscribe.service.segment import Segmenter
+from longscribe.service.segment import Segmenter, Window
 
 from tests.conftest import JFK, LJ, TESTDATA, jfk_text, lj_text, require_testdata, wer
 
@@ -543,3 +543,26 @@ def test_fatal_backend_error_fails_the_engine(model, audio) -> None:
         assert err.value.code == grpc.StatusCode.UNAVAILABLE and "cannot recover" in str(err.value)
     finally:
         eng.stop()
+
+
+def test_a_prefix_is_forced_and_only_what_follows_is_transcribed(engine: Engine, audio) -> None:
+    """A live partial's settled words (Window.prefix): forced into the decode, which gives only
+    the words after them. An engine that takes no prefix transcribes the whole window."""
+    sentence = audio["lj"][:int(9.9 * SR)]  # LJ001-0001
+    rows = (TESTDATA / "ljspeech_LJ001-0001_to_0032.segments.tsv").read_text().splitlines()
+    reference = rows[1].split("\t")[3]
+    draft = DecodeOptions(temperatures=(0.0,), draft=True)
+    prefix = "Printing, in the only sense with which we are"
+
+    def decode(window: Window) -> list[WindowResult]:
+        return list(engine.transcribe([window], draft, threading.Event()))
+
+    results = decode(Window(0, 0, sentence, prefix=prefix))
+    text = transcript_text(results)
+    assert all(not s.words for r in results for s in r.segments)  # a draft: text only
+    if engine.accepts_prefix:
+        assert not text.lower().startswith("printing"), text
+        assert wer(reference, f"{prefix} {text}") <= 0.15, text
+        assert wer(" ".join(reference.split()[9:]), text) <= 0.2, text
+    else:
+        assert wer(reference, text) <= 0.15, text

@@ -17,7 +17,7 @@ from longscribe.service.errors import JobError
 from longscribe.service.live.endpoint import Endpointer
 from longscribe.service.live.frames import check_config
 from longscribe.service.live.runtime import LiveRuntime
-from longscribe.service.live.session import LiveLimits, LiveSession
+from longscribe.service.live.session import LiveLimits, LiveSession, settled_words
 from longscribe.service.live.source import RingBuffer, StatusTracker
 from longscribe.service.models import load_model
 from longscribe.v1 import transcription_pb2 as pb
@@ -298,3 +298,13 @@ def test_reading_transcribed_at_real_time_pace_has_low_final_latency(
     assert wer(" ".join(t for a, b, t in lj_sentences() if b <= 12.2),
                " ".join(f.text for f in events.of("final"))) <= 0.12
     assert lj_text()  # the reference is there
+
+
+def test_settled_words_are_what_successive_partials_agree_on() -> None:
+    assert settled_words("Printing, in the only", "Printing, in the only sense") == \
+        "Printing, in the only"
+    # punctuation counts: "sense." may still become "sense with"
+    assert settled_words("Printing in the only sense.", "Printing in the only sense with") == \
+        "Printing in the only"
+    assert settled_words("Printing", "Painting in") == ""
+    assert settled_words("Printing in") == ""  # one partial agrees with nothing yet

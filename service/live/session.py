@@ -106,6 +106,8 @@ class _Source:
     finals_sent: int = 0
     # the texts of this source's latest final segments: its next decodes are conditioned on them
     context: deque[str] = field(default_factory=lambda: deque(maxlen=CONTEXT_SEGMENTS))
+    # the open utterance's index and its last two partial texts (see settled_words)
+    partial_texts: tuple[int, tuple[str, ...]] = (-1, ())
 
     def idle(self) -> bool:
         return not self.pumping and not self.busy and not self.finals
@@ -123,7 +125,10 @@ class LiveSession:
         self.settings = settings
         self.options = options
         # partials: one fast greedy pass, no temperature fallback (the final has it)
-        self.partial_options = replace(options, temperatures=options.temperatures[:1])
+        # and a draft: text only (no word alignment, no second look at skipped speech)
+        self.partial_options = replace(options, temperatures=options.temperatures[:1],
+                                       draft=True)
+        self._accepts_prefix = bool(getattr(engine, "accepts_prefix", False))
         self.emit = emit
         self.sink = sink
         self.limits = limits
@@ -349,7 +354,9 @@ class LiveSession:
             src.last_partial_at = now
             src.last_partial_end = ep.pos
             cancel = src.cancel_partial
-        window = Window(ep.next_index, start, src.ring.read(start, ep.pos))
+            index, texts = src.partial_texts
+        prefix = settled_words(*texts) if self._accepts_prefix and index == ep.next_index else ""
+        window = Window(ep.next_index, start, src.ring.read(start, ep.pos), prefix=prefix)
         self._submit_decode(src, "partial", window, cancel, None)
 
     # --- decoding (pool thread, one at a time per source) -------------------------------------
@@ -423,9 +430,13 @@ class LiveSession:
     def _partial(self, src: _Source, window: Window, cancel: threading.Event) -> None:
         results = self._transcribe(window, self._conditioned(self.partial_options, src), cancel,
                                    PARTIAL_PRIORITY)
-        text = _text(results)
+        text = f"{window.prefix} {_text(results)}".strip()
         with src.lock:
             stale = cancel.is_set() or window.index <= src.last_final_index
+            index, texts = src.partial_texts
+            if not stale and text:
+                texts = texts if index == window.index else ()
+                src.partial_texts = (window.index, (*texts, text)[-2:])
         if not stale and text:
             self.emit(pb.LiveEvent(partial=pb.LivePartial(
                 source=src.name, utterance=window.index, start=window.start, end=window.end,
@@ -543,6 +554,21 @@ class LiveSession:
             session_id=self.session_id,
             source_seconds={n: s / SAMPLE_RATE for n, s in self.positions().items()},
             finals=self.finals_sent, dropped_seconds=round(self.dropped_seconds, 3)))
+
+
+def settled_words(*texts: str) -> str:
+    """The words at the start of every text (LocalAgreement): two successive partials of an
+    utterance, decoded from more and more of its audio, that agree on their first words have
+    heard them whole. The next partial is given them as its prefix and decodes only what
+    follows, so a partial costs the new words, not the whole utterance again."""
+    if len(texts) < 2:
+        return ""
+    settled: list[str] = []
+    for words in zip(*(t.split() for t in texts), strict=False):
+        if any(w != words[0] for w in words):
+            break
+        settled.append(words[0])
+    return " ".join(settled)
 
 
 def _text(results: list[WindowResult]) -> str:

@@ -322,6 +322,11 @@ class Engine:
             reduce_beam(level >= SMALLER_BEAM)
         metrics.set_engine_degradation(level, direction)
 
+    def idle(self) -> bool:
+        """No job has a window queued or in a batch."""
+        with self._cv:
+            return not any(j.queued for j in self._jobs if not j.dead)
+
     def stats_snapshot(self) -> EngineStats:
         with self._cv:
             return EngineStats(**vars(self.stats))

@@ -341,13 +341,15 @@ class LiveSession:
             # engine when the final needs it (on a CPU a decode takes most of a second)
             return
         now = time.monotonic()
+        engine_idle = self._engine_idle()
         with src.lock:
             if src.busy or src.finals or ep.pos <= src.last_partial_end:
                 return
-            # every partial_interval, but the engine spends at most half its time on this
-            # source's partials: on a busy CPU a partial can take longer than the interval
-            if now < max(src.last_partial_at + self.limits.partial_interval,
-                         src.partial_done_at + src.partial_cost):
+            # every partial_interval; while the engine has other work (batch jobs, other
+            # sources), it spends at most half its time on this source's partials: on a busy
+            # CPU a partial can take longer than the interval
+            due = src.last_partial_at + self.limits.partial_interval
+            if now < due or (now < src.partial_done_at + src.partial_cost and not engine_idle):
                 return
             src.busy = "partial"
             src.cancel_partial = threading.Event()
@@ -358,6 +360,10 @@ class LiveSession:
         prefix = settled_words(*texts) if self._accepts_prefix and index == ep.next_index else ""
         window = Window(ep.next_index, start, src.ring.read(start, ep.pos), prefix=prefix)
         self._submit_decode(src, "partial", window, cancel, None)
+
+    def _engine_idle(self) -> bool:
+        idle = getattr(self.engine, "idle", None)  # engines without it: always share
+        return bool(idle()) if idle is not None else False
 
     # --- decoding (pool thread, one at a time per source) -------------------------------------
     def _kick(self, src: _Source) -> None:

@@ -39,10 +39,12 @@ from .source import ArrivalTimes, Frame, RingBuffer, SourceQueue, StatusTracker
 log = logging.getLogger(__name__)
 
 MAX_PENDING_FINALS = 2  # utterances of one source waiting for (or in) the engine
-# final segments whose text conditions the next decode of their source, as transcribe()
-# conditions a window on the text before it (condition_on_previous_text): a fragment cut at a
-# pause is decoded with its sentence's start, and names keep their spelling
-CONTEXT_SEGMENTS = 3
+# final segments whose text conditions the next final of their source, as transcribe()
+# conditions a window on the text before it (condition_on_previous_text; the engine keeps the
+# prompt's last half-context of tokens, as transcribe() does): a fragment cut at a pause is
+# decoded with its sentence's start, and names keep their spelling
+CONTEXT_SEGMENTS = 64
+PARTIAL_CONTEXT_SEGMENTS = 3  # a partial's prompt: shorter, so it costs less
 FINAL_PRIORITY = 2  # Engine.transcribe(priority=...): higher is taken first; batch jobs are 0
 PARTIAL_PRIORITY = 1
 MIN_PARTIAL_SECONDS = 0.5  # no partial of less audio than this
@@ -424,18 +426,19 @@ class LiveSession:
             self._kick(src)
             self._schedule_pump(src)  # room for another utterance: take frames again
 
-    def _conditioned(self, options: DecodeOptions, src: _Source) -> DecodeOptions:
-        """`options` with the source's recent finals after the client's own prompt."""
+    def _conditioned(self, options: DecodeOptions, src: _Source,
+                     segments: int = CONTEXT_SEGMENTS) -> DecodeOptions:
+        """`options` with the source's last `segments` finals after the client's own prompt."""
         with src.lock:
-            recent = " ".join(src.context)
+            recent = " ".join(list(src.context)[-segments:])
         if not recent:
             return options
         prompt = f"{options.initial_prompt or ''} {recent}".strip()
         return replace(options, initial_prompt=prompt)
 
     def _partial(self, src: _Source, window: Window, cancel: threading.Event) -> None:
-        results = self._transcribe(window, self._conditioned(self.partial_options, src), cancel,
-                                   PARTIAL_PRIORITY)
+        options = self._conditioned(self.partial_options, src, PARTIAL_CONTEXT_SEGMENTS)
+        results = self._transcribe(window, options, cancel, PARTIAL_PRIORITY)
         text = f"{window.prefix} {_text(results)}".strip()
         with src.lock:
             stale = cancel.is_set() or window.index <= src.last_final_index

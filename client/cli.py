@@ -11,10 +11,8 @@ import contextlib
 import logging
 import os
 import sys
-import threading
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import TypeVar
 
 import grpc
 from google.protobuf import json_format
@@ -130,31 +128,6 @@ def _transcribe_problem(ns: argparse.Namespace) -> str | None:
     return f"{source!r} is neither an existing local file nor an http(s) URL"
 
 
-T = TypeVar("T")
-
-
-def _off_main_thread(work: Callable[[], T]) -> T:
-    """`work()` on a daemon thread while the main thread waits: Ctrl-C's KeyboardInterrupt is
-    raised in this wait, never inside a gRPC call's own wait (where it can leave the call's lock
-    held, and the cancel that follows hangs). The abandoned call ends with the process."""
-    outcome: list[T] = []
-    failure: list[BaseException] = []
-
-    def run() -> None:
-        try:
-            outcome.append(work())
-        except BaseException as e:  # re-raised on the main thread
-            failure.append(e)
-
-    thread = threading.Thread(target=run, name="longscribe-call", daemon=True)
-    thread.start()
-    while thread.is_alive():
-        thread.join(0.1)
-    if failure:
-        raise failure[0]
-    return outcome[0]
-
-
 def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
     options = make_options(ns.language, ns.task, ns.prompt)
     mode = "off" if ns.no_progress else ns.progress
@@ -178,7 +151,7 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
                 )
                 print(job.job_id)
                 return EXIT_OK
-            result = _off_main_thread(lambda: client.transcribe(
+            result = client.transcribe(
                 ns.source,
                 options=options,
                 request_id=ns.request_id,
@@ -186,7 +159,7 @@ def cmd_transcribe(ns: argparse.Namespace, client: LongscribeClient) -> int:
                 on_event=view.on_event,
                 on_upload=view.on_upload,
                 on_job=started,
-            ))
+            )
     except KeyboardInterrupt:
         if job_id and not ns.detach:
             try:

@@ -872,6 +872,9 @@ def test_cli_sigint_in_a_real_process_cancels_the_job(peer):
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        # a terminal's Ctrl-C: SIGINT at its default even where this test runs with it ignored
+        # (a shell's background job), which the child would inherit and Python keep
+        preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),
     )
     try:
         # Wait until the job is being watched (its first progress line), then press Ctrl-C.

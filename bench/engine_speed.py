@@ -28,6 +28,7 @@ import whisper
 from longscribe.service.engine import DecodeOptions, Engine, transcript_text
 from longscribe.service.models import load_model
 from longscribe.service.segment import Segmenter
+from longscribe.service.torch_backend import TorchBackend
 from whisper.normalizers import EnglishTextNormalizer
 
 DATA = Path(__file__).resolve().parents[2] / "shared" / "testdata"
@@ -84,6 +85,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--skip-baseline", action="store_true")
     ap.add_argument("--segmenter", default="silero")
+    ap.add_argument("--beam-size", type=int, default=1, help="torch engine beam (1: greedy)")
     ap.add_argument("--data", type=Path, default=DATA)
     ap.add_argument("--mix", action="store_true", help="the hard mix instead of LJSpeech")
     args = ap.parse_args()
@@ -103,7 +105,8 @@ def main() -> None:
     fp16 = torch.cuda.is_available()
     out: dict[str, object] = {"audio_seconds": round(seconds, 1),
                               "threads": torch.get_num_threads()}
-    engine = Engine(model, batch_size=args.batch or None, threads=args.threads or None)
+    backend = TorchBackend(model, beam_size=args.beam_size)
+    engine = Engine(backend, batch_size=args.batch or None, threads=args.threads or None)
     engine.start()
     for rep in range(args.repeat):
         if not args.skip_baseline:

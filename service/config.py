@@ -34,7 +34,7 @@ class Config:
     device: str = field(default="auto", metadata={"help": "auto, cpu, cuda or cuda:N"})
     engine: str = field(
         default="auto",
-        metadata={"help": "torch (openai-whisper, greedy), ct2 (CTranslate2, beam search), "
+        metadata={"help": "torch (openai-whisper), ct2 (CTranslate2), "
                   "remote (an OpenAI audio API server, --remote-*) or auto (torch)",
                   "choices": ENGINES},
     )
@@ -45,8 +45,8 @@ class Config:
     )
     beam_size: int = field(
         default=0,
-        metadata={"help": "beam width at temperature 0 (ct2 engine; 0: its default, 5); the "
-                  "torch engine decodes greedily (1)"},
+        metadata={"help": "beam width at temperature 0 (0: the engine's default: 5 on ct2, "
+                  "greedy on torch)"},
     )
     batch_size: int = field(
         default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 16 on CPU)"}

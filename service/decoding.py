@@ -322,16 +322,32 @@ class BatchDecoder:
     # --- decoder -----------------------------------------------------------------------------
     def _attn(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
               causal: bool) -> torch.Tensor:
-        """q (B,H,T,D); keys given transposed (B,H,D,S), as the caches store them."""
-        if q.shape[2] == 1:
+        """q (B,H,T,D); keys given transposed (B,H,D,S), as the caches store them. Cross-
+        attention of a beam search: B = rows × beams queries over the rows' keys, each row's
+        beams read its keys as more query positions (its cross state is held once, not per
+        beam)."""
+        if q.shape[0] != k_t.shape[0]:
+            n = k_t.shape[0]
+            g = q.shape[0] // n
+            _, h, t, d = q.shape
+            grouped = q.reshape(n, g, h, t, d).transpose(1, 2).reshape(n, h, g * t, d)
+            out = self._attn_heads(grouped, k_t, v, causal=False, plain=t == 1)
+            out = out.reshape(n, h, g, t, d).transpose(1, 2).reshape(n * g, h, t, d)
+        else:
+            out = self._attn_heads(q, k_t, v, causal)
+        b, h, t, d = out.shape
+        return out.transpose(1, 2).reshape(b, t, h * d)
+
+    def _attn_heads(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
+                    causal: bool, plain: bool = False) -> torch.Tensor:
+        if q.shape[2] == 1 or plain:
             # one query per row: plain matmuls beat the fused CPU kernel by ~10x here
             w = (q.to(k_t.dtype) @ k_t) * self.scale
             out = (w.float().softmax(dim=-1).to(v.dtype) @ v).to(q.dtype)
         else:
             out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2).to(q.dtype),
                                                  v.to(q.dtype), is_causal=causal)
-        b, h, t, d = out.shape
-        return out.transpose(1, 2).reshape(b, t, h * d)
+        return out
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -548,6 +564,117 @@ class BatchDecoder:
             end = seq.index(self.eot) if self.eot in seq else len(seq)
             results.append(RowResult(seq[:end], lps[i], float(no_speech[i]), looped[i],
                                      first_cross, slot[i], per_token[i][:end]))
+        return results
+
+    @torch.inference_mode()
+    def decode_beam(
+        self,
+        features: torch.Tensor,
+        initial: torch.Tensor,
+        beam_size: int,
+        *,
+        sot_index: int,
+        should_stop: Callable[[], bool] | None = None,
+        check_every: int = 8,
+        batch_invariant: bool = True,
+    ) -> list[RowResult]:
+        """Beam search at temperature 0, as whisper.decode(beam_size=N, patience=1) does it:
+        each step every beam's best N + 1 tokens are candidates, a row keeps its N best
+        unfinished ones, and it is done once N sequences have ended; the finished sequence with
+        the best mean token log-probability wins. A row's beams share its cross-attention state;
+        their self-attention caches are reordered as beams take over other beams' prefixes."""
+        n, l0 = initial.shape
+        beams = beam_size
+        entries = n * beams
+        min_rows = self.min_rows if batch_invariant else 1
+        approximate = self.approximate and (batch_invariant or entries >= APPROXIMATE_MIN_ROWS)
+        dev = self.device
+        d = self.emb.shape[1]
+        hd = d // self.n_head
+        max_len = min(self.n_ctx, l0 + self.sample_len)
+        cache = [[torch.empty(entries, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
+                  torch.empty(entries, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
+                 for _ in self.layers]
+        bufs = _StepBuffers.allocate(entries, self.emb.shape[0], dev,
+                                     low=self.emb_lp is not None, min_rows=min_rows)
+        cross = self._cross_state(features)
+        start = initial.to(dev).repeat_interleave(beams, dim=0)
+        ts_max = torch.where(start >= self.ts_begin, start, -1).max(dim=1).values
+        prefixed = bool((ts_max >= 0).any())
+        last = start[:, -1]
+        penult = start[:, -2] if l0 > 1 else last
+        # at first every beam of a row is the same sequence: only the first one is expanded
+        score = [0.0 if e % beams == 0 else float("-inf") for e in range(entries)]
+        seqs: list[list[int]] = [[] for _ in range(entries)]
+        lps: list[list[float]] = [[] for _ in range(entries)]
+        finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(n)]
+        no_speech = torch.zeros(n)
+        tokens_in = start
+        offset = 0
+        for step in range(min(self.sample_len, max_len - l0)):
+            hidden = self._forward(tokens_in, offset, cache, cross, min_rows)
+            if step == 0:
+                probs = self._logits(hidden[::beams, sot_index], min_rows).softmax(dim=-1)
+                no_speech = probs[:, self.tok.no_speech].cpu()
+            offset += tokens_in.shape[1]
+            logits = self._step_logits(hidden[:, -1], bufs, approximate)
+            self._apply_rules(logits, step, last, penult, ts_max,
+                              hidden[:, -1] if approximate else None, prefixed)
+            logprobs = logits - bufs.logsumexp(logits)[:, None]
+            top_lp, top_tok = logprobs.topk(beams + 1, dim=-1)
+            cand_lp, cand_tok = top_lp.cpu().tolist(), top_tok.cpu().tolist()
+            source = list(range(entries))
+            chosen = [self.eot] * entries
+            new_score = [float("-inf")] * entries
+            new_seqs, new_lps = [[] for _ in range(entries)], [[] for _ in range(entries)]
+            for r in range(n):
+                if len(finished[r]) >= beams:
+                    continue  # done: its entries idle on eot
+                first = r * beams
+                cands = sorted(((score[e] + lp, e, tok, lp)
+                                for e in range(first, first + beams) if score[e] > float("-inf")
+                                for tok, lp in zip(cand_tok[e], cand_lp[e], strict=True)
+                                if lp > float("-inf")), key=lambda c: c[0], reverse=True)
+                kept = 0
+                ended: list[tuple[float, list[int], list[float]]] = []
+                for total, e, tok, lp in cands:
+                    if tok == self.eot:
+                        ended.append((total, seqs[e], [*lps[e], lp]))
+                        continue
+                    slot = first + kept
+                    source[slot], chosen[slot], new_score[slot] = e, tok, total
+                    new_seqs[slot], new_lps[slot] = [*seqs[e], tok], [*lps[e], lp]
+                    kept += 1
+                    if kept == beams:
+                        break
+                finished[r].extend(ended[:beams - len(finished[r])])
+            score, seqs, lps = new_score, new_seqs, new_lps
+            if all(len(f) >= beams for f in finished):
+                break
+            moved = [i for i in range(entries) if source[i] != i]
+            if moved:  # beams that continue another beam's sequence take its cache
+                dst = torch.tensor(moved, device=dev)
+                src = torch.tensor([source[i] for i in moved], device=dev)
+                for keys, values in cache:
+                    keys[dst, :, :, :offset] = keys[src, :, :, :offset]
+                    values[dst, :, :offset] = values[src, :, :offset]
+                ts_max, last, penult = ts_max.clone(), last.clone(), penult.clone()
+                ts_max[dst], last[dst], penult[dst] = ts_max[src], last[src], penult[src]
+            nxt = torch.tensor(chosen, device=dev)
+            ts_max = torch.where(nxt >= self.ts_begin, nxt, ts_max)
+            penult, last = last, nxt
+            tokens_in = nxt[:, None]
+            if (step + 1) % check_every == 0 and should_stop is not None and should_stop():
+                break
+        results = []
+        for r in range(n):
+            options = finished[r] or [(score[e], seqs[e], lps[e])
+                                      for e in range(r * beams, (r + 1) * beams)
+                                      if score[e] > float("-inf")]
+            # whisper's MaximumLikelihoodRanker (no length penalty): the best mean log-prob
+            total, tokens, token_lps = max(options, key=lambda o: o[0] / max(len(o[1]), 1))
+            results.append(RowResult(list(tokens), total, float(no_speech[r]), False, cross, r,
+                                     list(token_lps)[:len(tokens)]))
         return results
 
     def _sample(self, logits: torch.Tensor, greedy: torch.Tensor, temps: torch.Tensor,

@@ -242,7 +242,7 @@ class Engine:
         self._level_since = time.monotonic()
         # the steps this backend has: "smaller beam" only where there is a beam to shrink
         self._steps = [i for i in range(len(DEGRADATION_STEPS))
-                       if i != SMALLER_BEAM or hasattr(self.backend, "reduce_beam")]
+                       if i != SMALLER_BEAM or getattr(self.backend, "beam_size", 1) > 1]
         self._arrivals = 0  # windows fed so far, all jobs: tells the linger that feeders move
         self.stats = EngineStats()
         self._cv = threading.Condition()

@@ -20,6 +20,10 @@ from .torch_threads import single_threaded, use_engine_threads
 
 # messages of CUDA errors after which the CUDA context is dead ("CUDA error: ..." covers the
 # sticky ones: illegal memory access, device-side assert, unspecified launch failure, ECC)
+# a beam search decodes at most this many rows x beams at once (each has its own
+# self-attention cache; a row's beams share its cross-attention state)
+BEAM_ENTRIES = 32
+
 _FATAL_CUDA = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error: CUDNN_STATUS_"
                "EXECUTION_FAILED", "CUDA driver error")
 
@@ -28,8 +32,10 @@ class TorchBackend:
     name = "torch"
     accepts_prefix = True  # forced tokens after the start sequence (Window.prefix)
 
-    def __init__(self, model: whisper.model.Whisper) -> None:
+    def __init__(self, model: whisper.model.Whisper, beam_size: int = 1) -> None:
         self.model = model
+        self.beam_size = max(1, beam_size)  # at temperature 0; 1: greedy
+        self._reduced = False
         self.device = next(model.parameters()).device
         self.cuda = self.device.type == "cuda"
         self.dtype = torch.float16 if self.cuda else torch.float32
@@ -46,7 +52,9 @@ class TorchBackend:
             self.decoder = BatchDecoder(model, self.tokenizer, self.dtype)
 
     def describe(self) -> str:
-        return f"openai-whisper on {self.device} ({str(self.dtype).removeprefix('torch.')})"
+        search = f", beam {self.beam_size}" if self.beam_size > 1 else ", greedy"
+        return (f"openai-whisper on {self.device} ({str(self.dtype).removeprefix('torch.')}"
+                f"{search})")
 
     def warm_up(self) -> None:
         """Before SERVING: the first job should be as fast as the second. One small batch
@@ -77,13 +85,45 @@ class TorchBackend:
     def detect_language(self, features: torch.Tensor, rows: list[int]) -> list[str]:
         return self.decoder.detect_language(features[rows]) if rows else []
 
+    def reduce_beam(self, reduced: bool) -> None:
+        """The engine's "smaller beam" degradation step: half the beam while it lasts."""
+        self._reduced = reduced
+
+    @property
+    def active_beam(self) -> int:
+        return max(1, self.beam_size // 2) if self._reduced else self.beam_size
+
     def decode(self, features: torch.Tensor, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
                should_stop: Callable[[], bool], seeds: Sequence[int] | None = None,
                batch_invariant: bool = True) -> list[RowResult]:
-        return self.decoder.decode(features, torch.tensor(initial), temperatures,
-                                   sot_index=sot_index, should_stop=should_stop, seeds=seeds,
-                                   batch_invariant=batch_invariant)
+        beam = self.active_beam
+        rows_at_zero = [i for i, t in enumerate(temperatures) if t == 0]
+        if beam <= 1 or not rows_at_zero:
+            return self.decoder.decode(features, torch.tensor(initial), temperatures,
+                                       sot_index=sot_index, should_stop=should_stop,
+                                       seeds=seeds, batch_invariant=batch_invariant)
+        # rows at temperature 0 by beam search (a few rows at a time: each carries `beam`
+        # self-attention caches), fallback rows sampled as ever
+        out: list[RowResult | None] = [None] * len(initial)
+        per_call = max(1, BEAM_ENTRIES // beam)
+        for s in range(0, len(rows_at_zero), per_call):
+            rows = rows_at_zero[s:s + per_call]
+            done = self.decoder.decode_beam(
+                features[rows], torch.tensor([initial[i] for i in rows]), beam,
+                sot_index=sot_index, should_stop=should_stop, batch_invariant=batch_invariant)
+            for i, row in zip(rows, done, strict=True):
+                out[i] = row
+        sampled = [i for i, t in enumerate(temperatures) if t != 0]
+        if sampled:
+            done = self.decoder.decode(
+                features[sampled], torch.tensor([initial[i] for i in sampled]),
+                [temperatures[i] for i in sampled], sot_index=sot_index,
+                should_stop=should_stop, seeds=[seeds[i] for i in sampled] if seeds else None,
+                batch_invariant=batch_invariant)
+            for i, row in zip(sampled, done, strict=True):
+                out[i] = row
+        return [row for row in out if row is not None]
 
     def align(self, features: torch.Tensor, index: int, row: RowResult, text_tokens: list[int],
               num_frames: int) -> tuple[list[timing.WordTiming], list[float]]:

@@ -566,3 +566,29 @@ def test_a_prefix_is_forced_and_only_what_follows_is_transcribed(engine: Engine,
         assert wer(" ".join(reference.split()[9:]), text) <= 0.2, text
     else:
         assert wer(reference, text) <= 0.15, text
+
+
+def test_beam_search_gives_whispers_own_beam_search(model, audio) -> None:
+    """The batched beam search (a row's beams sharing its cross state, caches reordered in
+    place) decodes what whisper.decode(beam_size=5) does, row by row, in one batch."""
+    from longscribe.service.torch_backend import TorchBackend
+
+    backend = TorchBackend(model, beam_size=5)
+    lj = audio["lj"]
+    windows = [lj[i * 25 * SR:(i * 25 + 20) * SR] for i in range(3)]
+    features = backend.encode(windows)
+    tok = backend.tokenizer
+    rows = backend.decode(features, [list(tok.sot_sequence)] * 3, [0.0] * 3, sot_index=0,
+                          should_stop=lambda: False)
+    greedy = backend.decoder.decode(features, torch.tensor([list(tok.sot_sequence)] * 3),
+                                    [0.0] * 3, sot_index=0)
+    differs = 0
+    for window, row, first in zip(windows, rows, greedy, strict=True):
+        mel = whisper.log_mel_spectrogram(whisper.pad_or_trim(window))
+        ours = tok.decode([t for t in row.tokens if t < tok.eot]).strip()
+        theirs = whisper.decode(model, mel, whisper.DecodingOptions(
+            beam_size=5, fp16=False, language="en"))
+        assert wer(theirs.text, ours) <= 0.02, (ours, theirs.text)
+        assert abs(row.avg_logprob - theirs.avg_logprob) < 0.02
+        differs += row.tokens != first.tokens
+    assert differs, "beam search chose the greedy sequence in every row"

@@ -604,9 +604,8 @@ class BatchDecoder:
         last = start[:, -1]
         penult = start[:, -2] if l0 > 1 else last
         # at first every beam of a row is the same sequence: only the first one is expanded
-        score = [0.0 if e % beams == 0 else float("-inf") for e in range(entries)]
-        seqs: list[list[int]] = [[] for _ in range(entries)]
-        lps: list[list[float]] = [[] for _ in range(entries)]
+        live = _Beams([0.0 if e % beams == 0 else float("-inf") for e in range(entries)],
+                      [[] for _ in range(entries)], [[] for _ in range(entries)])
         finished: list[list[tuple[float, list[int], list[float]]]] = [[] for _ in range(n)]
         no_speech = torch.zeros(n)
         tokens_in = start
@@ -623,32 +622,7 @@ class BatchDecoder:
             logprobs = logits - bufs.logsumexp(logits)[:, None]
             top_lp, top_tok = logprobs.topk(beams + 1, dim=-1)
             cand_lp, cand_tok = top_lp.cpu().tolist(), top_tok.cpu().tolist()
-            source = list(range(entries))
-            chosen = [self.eot] * entries
-            new_score = [float("-inf")] * entries
-            new_seqs, new_lps = [[] for _ in range(entries)], [[] for _ in range(entries)]
-            for r in range(n):
-                if len(finished[r]) >= beams:
-                    continue  # done: its entries idle on eot
-                first = r * beams
-                cands = sorted(((score[e] + lp, e, tok, lp)
-                                for e in range(first, first + beams) if score[e] > float("-inf")
-                                for tok, lp in zip(cand_tok[e], cand_lp[e], strict=True)
-                                if lp > float("-inf")), key=lambda c: c[0], reverse=True)
-                kept = 0
-                ended: list[tuple[float, list[int], list[float]]] = []
-                for total, e, tok, lp in cands:
-                    if tok == self.eot:
-                        ended.append((total, seqs[e], [*lps[e], lp]))
-                        continue
-                    slot = first + kept
-                    source[slot], chosen[slot], new_score[slot] = e, tok, total
-                    new_seqs[slot], new_lps[slot] = [*seqs[e], tok], [*lps[e], lp]
-                    kept += 1
-                    if kept == beams:
-                        break
-                finished[r].extend(ended[:beams - len(finished[r])])
-            score, seqs, lps = new_score, new_seqs, new_lps
+            source, chosen, live = live.step(cand_tok, cand_lp, beams, self.eot, finished)
             if all(len(f) >= beams for f in finished):
                 break
             moved = [i for i in range(entries) if source[i] != i]
@@ -668,11 +642,12 @@ class BatchDecoder:
                 break
         results = []
         for r in range(n):
-            options = finished[r] or [(score[e], seqs[e], lps[e])
+            options = finished[r] or [(live.score[e], live.seqs[e], live.lps[e])
                                       for e in range(r * beams, (r + 1) * beams)
-                                      if score[e] > float("-inf")]
+                                      if live.score[e] > float("-inf")]
             # whisper's MaximumLikelihoodRanker (no length penalty): the best mean log-prob
-            total, tokens, token_lps = max(options, key=lambda o: o[0] / max(len(o[1]), 1))
+            total, tokens, token_lps = max(options or [(0.0, [], [])],
+                                           key=lambda o: o[0] / max(len(o[1]), 1))
             results.append(RowResult(list(tokens), total, float(no_speech[r]), False, cross, r,
                                      list(token_lps)[:len(tokens)]))
         return results
@@ -723,6 +698,52 @@ class BatchDecoder:
             if len(text) > 120 and compression_ratio(text) > ratio:
                 looped[r] = True
                 done[r] = True
+
+
+@dataclass
+class _Beams:
+    """The live sequences of a beam search, `beams` entries per row: cumulative log-prob
+    (-inf: an idle entry), tokens and per-token log-probs."""
+
+    score: list[float]
+    seqs: list[list[int]]
+    lps: list[list[float]]
+
+    def step(self, cand_tok: list[list[int]], cand_lp: list[list[float]], beams: int, eot: int,
+             finished: list[list[tuple[float, list[int], list[float]]]]
+             ) -> tuple[list[int], list[int], _Beams]:
+        """One step of whisper's BeamSearchDecoder for every row: each live entry's candidate
+        tokens, best cumulative score first; an eot candidate ends a sequence (kept while the
+        row has fewer than `beams` ended), others fill the row's entries until `beams` are
+        kept. Returns each entry's source entry, its next token, and the new live beams."""
+        entries = len(self.score)
+        source = list(range(entries))
+        chosen = [eot] * entries
+        score = [float("-inf")] * entries
+        seqs: list[list[int]] = [[] for _ in range(entries)]
+        lps: list[list[float]] = [[] for _ in range(entries)]
+        for r in range(entries // beams):
+            if len(finished[r]) >= beams:
+                continue  # done: its entries idle on eot
+            first = r * beams
+            cands = sorted(((self.score[e] + lp, e, tok, lp)
+                            for e in range(first, first + beams) if self.score[e] > float("-inf")
+                            for tok, lp in zip(cand_tok[e], cand_lp[e], strict=True)
+                            if lp > float("-inf")), key=lambda c: c[0], reverse=True)
+            kept = 0
+            ended: list[tuple[float, list[int], list[float]]] = []
+            for total, e, tok, lp in cands:
+                if tok == eot:
+                    ended.append((total, self.seqs[e], [*self.lps[e], lp]))
+                    continue
+                slot = first + kept
+                source[slot], chosen[slot], score[slot] = e, tok, total
+                seqs[slot], lps[slot] = [*self.seqs[e], tok], [*self.lps[e], lp]
+                kept += 1
+                if kept == beams:
+                    break
+            finished[r].extend(ended[:beams - len(finished[r])])
+        return source, chosen, _Beams(score, seqs, lps)
 
 
 def _partition(keep: list[bool], tensors: Sequence[Sequence[torch.Tensor]], rows: list[int],

@@ -448,6 +448,22 @@ class BatchDecoder:
         text_lp = logits[:, :tb].max(dim=-1).values
         logits[:, :tb].masked_fill_((ts_lp > text_lp)[:, None], neg)
 
+    def _scratch(self, rows: int, l0: int, min_rows: int
+                 ) -> tuple[int, list[list[torch.Tensor]], _StepBuffers]:
+        """A decode's longest sequence, its self-attention cache per layer (keys stored
+        transposed, (B, H, D, S), so the per-step q @ k needs no copy; values (B, H, S, D))
+        and its per-step buffers."""
+        max_len = min(self.n_ctx, l0 + self.sample_len)
+        hd = self.emb.shape[1] // self.n_head
+        cache = [[torch.empty(rows, self.n_head, hd, max_len, dtype=self.dtype,
+                              device=self.device),
+                  torch.empty(rows, self.n_head, max_len, hd, dtype=self.dtype,
+                              device=self.device)]
+                 for _ in self.layers]
+        bufs = _StepBuffers.allocate(rows, self.emb.shape[0], self.device,
+                                     low=self.emb_lp is not None, min_rows=min_rows)
+        return max_len, cache, bufs
+
     @torch.inference_mode()
     def decode(
         self,
@@ -475,15 +491,7 @@ class BatchDecoder:
         approximate = self.approximate and (batch_invariant or n >= APPROXIMATE_MIN_ROWS)
         cpu = self.device.type == "cpu"
         dev = self.device
-        d = self.emb.shape[1]
-        hd = d // self.n_head
-        max_len = min(self.n_ctx, l0 + self.sample_len)
-        # keys are stored transposed (B, H, D, S) so the per-step q @ k needs no copy
-        cache = [[torch.empty(n, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
-                  torch.empty(n, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
-                 for _ in self.layers]
-        bufs = _StepBuffers.allocate(n, self.emb.shape[0], dev, low=self.emb_lp is not None,
-                                     min_rows=min_rows)
+        max_len, cache, bufs = self._scratch(n, l0, min_rows)
         cross = self._cross_state(features)
         first_cross = cross
         slot = list(range(n))  # where each row's state lives in the batch tensors
@@ -589,14 +597,7 @@ class BatchDecoder:
         min_rows = self.min_rows if batch_invariant else 1
         approximate = self.approximate and (batch_invariant or entries >= APPROXIMATE_MIN_ROWS)
         dev = self.device
-        d = self.emb.shape[1]
-        hd = d // self.n_head
-        max_len = min(self.n_ctx, l0 + self.sample_len)
-        cache = [[torch.empty(entries, self.n_head, hd, max_len, dtype=self.dtype, device=dev),
-                  torch.empty(entries, self.n_head, max_len, hd, dtype=self.dtype, device=dev)]
-                 for _ in self.layers]
-        bufs = _StepBuffers.allocate(entries, self.emb.shape[0], dev,
-                                     low=self.emb_lp is not None, min_rows=min_rows)
+        max_len, cache, bufs = self._scratch(entries, l0, min_rows)
         cross = self._cross_state(features)
         start = initial.to(dev).repeat_interleave(beams, dim=0)
         ts_max = torch.where(start >= self.ts_begin, start, -1).max(dim=1).values
@@ -642,9 +643,12 @@ class BatchDecoder:
                 break
         results = []
         for r in range(n):
-            options = finished[r] or [(live.score[e], live.seqs[e], live.lps[e])
-                                      for e in range(r * beams, (r + 1) * beams)
-                                      if live.score[e] > float("-inf")]
+            # out of steps before `beams` sequences ended: the best live ones make up the rest
+            unfinished = sorted(((live.score[e], live.seqs[e], live.lps[e])
+                                 for e in range(r * beams, (r + 1) * beams)
+                                 if live.score[e] > float("-inf")),
+                                key=lambda o: o[0], reverse=True)
+            options = finished[r] + unfinished[:max(0, beams - len(finished[r]))]
             # whisper's MaximumLikelihoodRanker (no length penalty): the best mean log-prob
             total, tokens, token_lps = max(options or [(0.0, [], [])],
                                            key=lambda o: o[0] / max(len(o[1]), 1))

@@ -650,8 +650,7 @@ class BatchDecoder:
                                 key=lambda o: o[0], reverse=True)
             options = finished[r] + unfinished[:max(0, beams - len(finished[r]))]
             # whisper's MaximumLikelihoodRanker (no length penalty): the best mean log-prob
-            total, tokens, token_lps = max(options or [(0.0, [], [])],
-                                           key=lambda o: o[0] / max(len(o[1]), 1))
+            total, tokens, token_lps = max(options, key=lambda o: o[0] / max(len(o[1]), 1))
             results.append(RowResult(list(tokens), total, float(no_speech[r]), False, cross, r,
                                      list(token_lps)[:len(tokens)]))
         return results

@@ -91,4 +91,7 @@ def create_engine(config: Config) -> Any:
         return _remote(config)
     if name not in BACKENDS:
         raise ModelLoadError(f"unknown engine {name!r}: use one of auto, {', '.join(BACKENDS)}")
+    if config.beam_size < 0:
+        raise ModelLoadError(f"--beam-size {config.beam_size}: give 0 (the engine's default: "
+                             "greedy on torch, 5 on ct2) or a beam width of 1 or more")
     return Engine(BACKENDS[name](config), batch_size=config.batch_size or None)

@@ -18,12 +18,12 @@ from .decoding import BatchDecoder, RowResult
 from .engine_align import warm_up, word_timings
 from .torch_threads import single_threaded, use_engine_threads
 
-# messages of CUDA errors after which the CUDA context is dead ("CUDA error: ..." covers the
-# sticky ones: illegal memory access, device-side assert, unspecified launch failure, ECC)
 # a beam search decodes at most this many rows x beams at once (each has its own
 # self-attention cache; a row's beams share its cross-attention state)
 BEAM_ENTRIES = 32
 
+# messages of CUDA errors after which the CUDA context is dead ("CUDA error: ..." covers the
+# sticky ones: illegal memory access, device-side assert, unspecified launch failure, ECC)
 _FATAL_CUDA = ("CUDA error", "CUBLAS_STATUS_EXECUTION_FAILED", "cuDNN error: CUDNN_STATUS_"
                "EXECUTION_FAILED", "CUDA driver error")
 

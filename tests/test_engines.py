@@ -38,6 +38,7 @@ def test_beam_search_engines_end_to_end(tmp_path: Path, engine: str, described: 
 @pytest.mark.parametrize(("args", "message"), [
     (["--engine", "ct2", "--model", "tiny.en"],
      "the ct2 engine needs a CTranslate2 Whisper model directory"),
+    (["--engine", "torch", "--beam-size", "-2"], "--beam-size -2: give 0"),
 ])
 def test_engine_refuses_what_it_cannot_run(tmp_path: Path, args: list[str], message: str) -> None:
     server = ServerProcess(tmp_path / "bad", *args).start(wait=False)

@@ -9,6 +9,7 @@ bounds that fall inside a pause are moved to the speech.
 
 from __future__ import annotations
 
+import logging
 from dataclasses import dataclass, field
 
 import numba
@@ -20,6 +21,8 @@ from whisper.timing import TOKENS_PER_SECOND
 from whisper.tokenizer import Tokenizer
 
 from .transcriber import APPEND_PUNCTUATION, PREPEND_PUNCTUATION, SAMPLE_RATE
+
+log = logging.getLogger(__name__)
 
 MIN_PAUSE = int(0.3 * SAMPLE_RATE)  # shorter silences are within a phrase
 SNAP = int(0.5 * SAMPLE_RATE)  # word bounds this close to a VAD pause move onto its edge
@@ -116,8 +119,19 @@ def median_filter7(x: torch.Tensor) -> torch.Tensor:
 
 
 def warm_up() -> None:
-    """Load (or, on the first run after an install, compile) the DTW kernel."""
-    _dtw(np.zeros((2, 3), dtype=np.float64))
+    """Load (or, on the first run after an install, compile) the DTW kernel. A cache that
+    does not load is compiled past: numba pickles the name the module was imported under, so
+    a checkout imported under two names (`service.…` and `longscribe.service.…`) writes a
+    cache that the other name cannot read, and the engine must still start."""
+    global _dtw
+    probe = np.zeros((2, 3), dtype=np.float64)
+    try:
+        _dtw(probe)
+    except Exception as exc:  # noqa: BLE001 - any failure to load is the cache's
+        log.warning("the cached word-alignment kernel did not load (%s); compiling it for "
+                    "this process", exc)
+        _dtw = numba.jit(nopython=True, cache=False)(_dtw.py_func)
+        _dtw(probe)
 
 
 def pauses(speech: tuple[tuple[int, int], ...]) -> list[tuple[int, int]]:

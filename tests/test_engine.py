@@ -244,6 +244,34 @@ def test_cached_dtw_matches_whispers() -> None:
         assert np.array_equal(want[0], got[0]) and np.array_equal(want[1], got[1])
 
 
+def test_an_alignment_kernel_cached_under_another_module_name_does_not_stop_the_engine(
+        tmp_path: Path) -> None:
+    """numba pickles the module name into its cache: a checkout imported as `service.…` (its
+    folder on sys.path) wrote a cache that `longscribe.service.…` could not load, and the
+    engine's warm-up failed ("No module named 'service'"), so the server never served."""
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "NUMBA_CACHE_DIR": str(tmp_path / "numba")}
+    env.pop("PYTHONPATH", None)
+    written = subprocess.run(
+        [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(root)!r}); "
+         "import service.engine_align as m; m.warm_up(); print(m._dtw.__module__)"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert written.stdout.strip() == "service.engine_align", written.stderr[-2000:]
+    loaded = subprocess.run(
+        [sys.executable, "-c", "import numpy as np; from longscribe.service import engine_align "
+         "as m; m.warm_up(); print(m._dtw(np.arange(12.0).reshape(3, 4))[1].tolist())"],
+        cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    from whisper.timing import dtw
+    want = dtw(torch.arange(12.0).reshape(3, 4))[1].tolist()
+    assert loaded.returncode == 0, loaded.stderr[-2000:]
+    assert loaded.stdout.strip() == str(want)
+    assert "No module named 'service'" in loaded.stderr  # it was the foreign cache, compiled past
+
+
 def test_median_filter_matches_whispers() -> None:
     from longscribe.service.engine_align import median_filter7
     from whisper.timing import median_filter

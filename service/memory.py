@@ -4,11 +4,10 @@ The engine allocates and frees hundreds of MB per batch (mel batches, encoder ac
 cross-attention state, decode scratch). Under glibc's malloc the heap fragments and the
 resident peak rises batch after batch for the first minutes of a process, then levels off, so
 a long job peaks higher than a short one. jemalloc, where installed, is preloaded by
-re-executing the server (same pid) before it starts any thread. Server peak RSS, 10 min vs
-3 h of LJSpeech on 2 cores, one session: glibc 1101 vs 1213 MB (3 h in 268 s), jemalloc 1107
-vs 1175 MB (3 h in 247 s). Without jemalloc, glibc is tuned instead: fewer arenas, a fixed
-mmap threshold, and a trim after each batch and job. The glibc calls are no-ops under another
-C library or allocator."""
+re-executing the server (same pid) before it starts any thread: it grew less over a 3-hour job
+and ran it faster (`make bench` measures both; numbers in bench/results). Without jemalloc,
+glibc is tuned instead: fewer arenas, a fixed mmap threshold, and a trim after each batch and
+job. The glibc calls are no-ops under another C library or allocator."""
 
 from __future__ import annotations
 

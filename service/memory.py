@@ -5,7 +5,7 @@ cross-attention state, decode scratch). Under glibc's malloc the heap fragments 
 resident peak rises batch after batch for the first minutes of a process, then levels off, so
 a long job peaks higher than a short one. jemalloc, where installed, is preloaded by
 re-executing the server (same pid) before it starts any thread: it grew less over a 3-hour job
-and ran it faster (`make bench` measures both; numbers in bench/results). Without jemalloc,
+and ran it faster (`make bench` reports the allocator and both peaks). Without jemalloc,
 glibc is tuned instead: fewer arenas, a fixed mmap threshold, and a trim after each batch and
 job. The glibc calls are no-ops under another C library or allocator."""
 

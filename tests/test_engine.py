@@ -294,6 +294,20 @@ def test_step_logsumexp_matches_torch() -> None:
     assert torch.allclose(bufs.logsumexp(logits), logits.logsumexp(dim=-1), atol=1e-5)
 
 
+def test_a_batch_run_at_the_encoders_safe_point_does_not_inherit_its_bf16(model, audio) -> None:
+    """The engine runs preempting batches inside the encoder's progress callback: under the
+    bf16 encoder (CPUs with AMX) that batch must compute as it would anywhere else, or a window
+    decodes differently when it preempts another batch (tests/test_batch_invariance.py)."""
+    from longscribe.service.decoding import AudioEncoder
+
+    seen: list[bool] = []
+    encoder = AudioEncoder(model, torch.float32, bf16=True)  # emulated where the CPU lacks bf16
+    features = encoder.encode([audio["jfk"]], lambda _: seen.append(
+        torch.is_autocast_enabled("cpu")))
+    assert features.dtype == torch.float32 and seen
+    assert not any(seen)
+
+
 def test_batch_encoder_slices_and_row_cross_state(model, audio) -> None:
     """The CPU encoder runs in slices: a batch's features match one window at a time, and a
     row's cross-attention state is whisper's own projection of its features."""

@@ -50,6 +50,11 @@ def cpu_has_amx() -> bool:
 BATCH_INVARIANT_ROWS = 16
 RESCORE = 16  # text and timestamp candidates per row rescored in fp32 after approximate logits
 APPROXIMATE_MIN_ROWS = 8  # unpadded batches (live rows) of fewer rows score the vocabulary exactly
+# A step's q @ k reads the self-attention cache's keys up to a multiple of this many positions
+# (the scores past the sequence are dropped): over an odd number of cached positions the CPU's
+# batched matmul (and the fused attention kernel) gave a row's scores in another rounding at
+# odd places of its batch, so a window's log-probabilities depended on where it sat.
+KEY_ALIGN = 16
 
 
 def compression_ratio(text: str) -> float:
@@ -344,7 +349,7 @@ class BatchDecoder:
             g = q.shape[0] // n
             _, h, t, d = q.shape
             grouped = q.reshape(n, g, h, t, d).transpose(1, 2).reshape(n, h, g * t, d)
-            out = self._attn_heads(grouped, k_t, v, causal=False, plain=t == 1)
+            out = self._attn_heads(grouped, k_t, v, causal=False)
             out = out.reshape(n, h, g, t, d).transpose(1, 2).reshape(n * g, h, t, d)
         else:
             out = self._attn_heads(q, k_t, v, causal)
@@ -352,15 +357,17 @@ class BatchDecoder:
         return out.transpose(1, 2).reshape(b, t, h * d)
 
     def _attn_heads(self, q: torch.Tensor, k_t: torch.Tensor, v: torch.Tensor,
-                    causal: bool, plain: bool = False) -> torch.Tensor:
-        if q.shape[2] == 1 or plain:
-            # one query per row: plain matmuls beat the fused CPU kernel by ~10x here
-            w = (q.to(k_t.dtype) @ k_t) * self.scale
-            out = (w.float().softmax(dim=-1).to(v.dtype) @ v).to(q.dtype)
-        else:
-            out = F.scaled_dot_product_attention(q, k_t.transpose(-1, -2).to(q.dtype),
-                                                 v.to(q.dtype), is_causal=causal)
-        return out
+                    causal: bool) -> torch.Tensor:
+        """Attention over the keys that have values: `k_t` may hold more positions than `v`
+        (KEY_ALIGN), whose scores are dropped. Plain matmuls: for one query per row they beat
+        the fused CPU kernel by ~10x, and with several (a prompt) it took another rounding at
+        odd key counts."""
+        s, t = v.shape[-2], q.shape[-2]
+        w = (q.to(k_t.dtype) @ k_t)[..., :s].float() * self.scale
+        if causal:  # query i sits at position s - t + i and sees the keys up to it
+            future = torch.ones(t, s, dtype=torch.bool, device=w.device).triu_(s - t + 1)
+            w = w.masked_fill_(future, float("-inf"))
+        return (w.softmax(dim=-1).to(v.dtype) @ v).to(q.dtype)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, t, d = x.shape
@@ -376,7 +383,8 @@ class BatchDecoder:
             q, k, v = self._linear(h, layer.qkv_w, layer.qkv_b, min_rows).chunk(3, dim=-1)
             kv[0][:, :, :, offset:offset + t] = self._heads(k).transpose(-1, -2)
             kv[1][:, :, offset:offset + t] = self._heads(v)
-            a = self._attn(self._heads(q), kv[0][..., :offset + t], kv[1][:, :, :offset + t],
+            keys = min(-(-(offset + t) // KEY_ALIGN) * KEY_ALIGN, kv[0].shape[-1])
+            a = self._attn(self._heads(q), kv[0][..., :keys], kv[1][:, :, :offset + t],
                            causal=t > 1)
             x = x + self._linear(a, *layer.out, min_rows)
             h = _ln(x, layer.ln2)
@@ -468,7 +476,9 @@ class BatchDecoder:
         and its per-step buffers."""
         max_len = min(self.n_ctx, l0 + self.sample_len)
         hd = self.emb.shape[1] // self.n_head
-        cache = [[torch.empty(rows, self.n_head, hd, max_len, dtype=self.dtype,
+        # keys up to a multiple of KEY_ALIGN positions, zeros where nothing is cached yet
+        key_len = -(-max_len // KEY_ALIGN) * KEY_ALIGN
+        cache = [[torch.zeros(rows, self.n_head, hd, key_len, dtype=self.dtype,
                               device=self.device),
                   torch.empty(rows, self.n_head, max_len, hd, dtype=self.dtype,
                               device=self.device)]

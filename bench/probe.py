@@ -4,7 +4,9 @@ tile of `make bench` (segmented once), with faster-whisper's batched pipeline as
     python -m bench.probe [--minutes 10] [--rounds 2] [--sides fw torch ct2:int8:5 ...]
 
 A side: `fw` (faster-whisper BatchedInferencePipeline, int8, batch 16, beam 5), `vad` (the
-silero segmentation alone), `torch`, or `ct2:COMPUTE_TYPE:BEAM`; suffixes on an engine side:
+silero segmentation alone), `torch`, `ct2:COMPUTE_TYPE:BEAM` (the ct2 engine as the server runs
+it on CPU: our encoder, CTranslate2's decoder) or `ct2own:COMPUTE_TYPE:BEAM` (CTranslate2
+encodes too); suffixes on an engine side:
 `@N` batch size N, `%F` windows cut with the segmenter's fill_fraction F, `+vad` segments while
 the engine runs (as the server does) instead of using the windows cut beforehand. `--trace`
 prints each backend call. cpu_s is the process's CPU time: on a shared, busy machine it moves
@@ -49,13 +51,14 @@ def make_engine(side: str, batch: int) -> Any:
         from longscribe.service.torch_backend import TorchBackend
 
         return Engine(TorchBackend(load_model()), batch_size=batch or None)
-    _, compute, beam = side.split(":")
+    kind, compute, beam = side.split(":")
     from longscribe.service.ct2_backend import CT2Backend
     from longscribe.service.engines import cpu_encoder
     from longscribe.service.models import default_model_dir
 
     backend = CT2Backend(default_model_dir(), compute_type=compute, beam_size=int(beam))
-    backend.encoder = cpu_encoder(default_model_dir())  # as the server runs it on CPU
+    if kind != "ct2own":  # ct2own: CTranslate2 encodes too
+        backend.encoder = cpu_encoder(default_model_dir())  # as the server runs it on CPU
     return Engine(backend, batch_size=batch or None)
 
 

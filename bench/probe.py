@@ -2,6 +2,7 @@
 tile of `make bench` (segmented once), with faster-whisper's batched pipeline as the peer.
 
     python -m bench.probe [--minutes 10] [--rounds 2] [--sides fw torch ct2:int8:5 ...]
+        [--beam-size N] [--timestamps tokens|words]
 
 A side: `fw` (faster-whisper BatchedInferencePipeline, int8, batch 16, beam 5), `vad` (the
 silero segmentation alone), `torch`, `ct2:COMPUTE_TYPE:BEAM` (the ct2 engine as the server runs
@@ -40,7 +41,7 @@ def base(side: str) -> str:
     return side.removesuffix("+vad").split("%")[0]
 
 
-def make_engine(side: str, batch: int) -> Any:
+def make_engine(side: str, batch: int, beam: int = 0, timestamps: str = "tokens") -> Any:
     from longscribe.service.engine import Engine
 
     if "@" in side:  # side@N: batch size N
@@ -50,7 +51,8 @@ def make_engine(side: str, batch: int) -> Any:
         from longscribe.service.models import load_model
         from longscribe.service.torch_backend import TorchBackend
 
-        return Engine(TorchBackend(load_model()), batch_size=batch or None)
+        return Engine(TorchBackend(load_model(), beam_size=beam), batch_size=batch or None,
+                      timestamp_tokens=timestamps == "tokens")
     kind, compute, beam = side.split(":")
     from longscribe.service.ct2_backend import CT2Backend
     from longscribe.service.engines import cpu_encoder
@@ -59,7 +61,7 @@ def make_engine(side: str, batch: int) -> Any:
     backend = CT2Backend(default_model_dir(), compute_type=compute, beam_size=int(beam))
     if kind != "ct2own":  # ct2own: CTranslate2 encodes too
         backend.encoder = cpu_encoder(default_model_dir())  # as the server runs it on CPU
-    return Engine(backend, batch_size=batch or None)
+    return Engine(backend, batch_size=batch or None, timestamp_tokens=timestamps == "tokens")
 
 
 def trace(backend: Any) -> None:
@@ -104,6 +106,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--batch", type=int, default=0)
     ap.add_argument("--sides", nargs="+", default=["fw", "torch", "ct2:int8:5"])
+    ap.add_argument("--beam-size", type=int, default=0, help="the torch sides' beam (0: greedy)")
+    ap.add_argument("--timestamps", choices=("tokens", "words"), default="tokens",
+                    help="engine sides: timestamp tokens, or text only (serve --timestamps)")
     ap.add_argument("--trace", action="store_true", help="per-batch backend timings")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as work:
@@ -130,7 +135,8 @@ def main() -> None:
                 cpu_threads=os.cpu_count() or 0))
             list(fw.transcribe(audio[:16000 * 60], batch_size=16, beam_size=5)[0])
         elif side != "vad" and base(side) not in engines:
-            engines[base(side)] = make_engine(base(side), args.batch)
+            engines[base(side)] = make_engine(base(side), args.batch, args.beam_size,
+                                              args.timestamps)
             engines[base(side)].start()
             if args.trace:
                 trace(engines[base(side)].backend)

@@ -48,6 +48,13 @@ class Config:
         metadata={"help": "beam width at temperature 0 (0: the engine's default: 5 on ct2, "
                   "greedy on torch)"},
     )
+    timestamps: str = field(
+        default="tokens",
+        metadata={"help": "tokens: whisper's timestamp tokens cut segments; words: decode text "
+                  "only (fewer tokens), segments cut at pauses and sentence ends, timed by the "
+                  "aligned words (torch and ct2 engines)",
+                  "choices": ("tokens", "words")},
+    )
     batch_size: int = field(
         default=0, metadata={"help": "windows decoded per forward pass (0: 32 on GPU, 16 on CPU)"}
     )

@@ -440,15 +440,22 @@ class BatchDecoder:
 
     def _apply_rules(self, logits: torch.Tensor, step: int, last: torch.Tensor,
                      penult: torch.Tensor, ts_max: torch.Tensor,
-                     hidden: torch.Tensor | None = None, prefixed: bool = False) -> None:
+                     hidden: torch.Tensor | None = None, prefixed: bool = False,
+                     text_only: bool = False) -> None:
         """whisper's SuppressBlank, SuppressTokens and ApplyTimestampRules, for all rows at once.
         `prefixed`: the initial tokens end with a forced segment start and text, which the rules
-        go on from (no initial-timestamp rule)."""
+        go on from (no initial-timestamp rule). `text_only`: the initial tokens hold
+        <|notimestamps|>: no timestamp token may follow (whisper's without_timestamps)."""
         neg = float("-inf")
         tb = self.ts_begin
         if step == 0:
             logits.masked_fill_(self.blank, neg)
         logits.masked_fill_(self.suppress, neg)
+        if text_only:
+            logits[:, tb:] = neg
+            if hidden is not None:
+                self._rescore(logits, hidden)
+            return
         if step > 0 or prefixed:
             # each rule touches only its columns, with a per-row mask broadcast over them: no
             # (rows, vocab) mask is built, and the timestamp rules read 1501 columns, not 51k
@@ -470,6 +477,13 @@ class BatchDecoder:
         ts_lp = logits[:, tb:].logsumexp(dim=-1)
         text_lp = logits[:, :tb].max(dim=-1).values
         logits[:, :tb].masked_fill_((ts_lp > text_lp)[:, None], neg)
+
+    def _text_only(self, initial: torch.Tensor) -> bool:
+        """Whether the rows decode text without timestamp tokens (one mode per call)."""
+        marked = (initial == self.tok.no_timestamps).any(dim=1)
+        if bool(marked.any()) != bool(marked.all()):
+            raise ValueError("rows of one decode must all have <|notimestamps|>, or none")
+        return bool(marked.all())
 
     def _scratch(self, rows: int, l0: int, min_rows: int
                  ) -> tuple[int, list[list[torch.Tensor]], _StepBuffers]:
@@ -532,6 +546,7 @@ class BatchDecoder:
         # timestamps among the initial tokens: those of a forced prefix (Window.prefix)
         ts_max = torch.where(initial >= self.ts_begin, initial, -1).max(dim=1).values.to(dev)
         prefixed = bool((ts_max >= 0).any())
+        text_only = self._text_only(initial)
         last = initial[:, -1].to(dev)
         penult = initial[:, -2].to(dev) if l0 > 1 else last
         looped = [False] * n
@@ -547,7 +562,7 @@ class BatchDecoder:
             offset += tokens_in.shape[1]
             logits = self._step_logits(hidden[:, -1], bufs, approximate)
             self._apply_rules(logits, step, last, penult, ts_max,
-                              hidden[:, -1] if approximate else None, prefixed)
+                              hidden[:, -1] if approximate else None, prefixed, text_only)
             nxt = logits.argmax(dim=-1)
             if sampling:  # decided on the host once: no device sync per step
                 nxt = self._sample(logits, nxt, temps, rows, generators)
@@ -629,6 +644,7 @@ class BatchDecoder:
         start = initial.to(dev).repeat_interleave(beams, dim=0)
         ts_max = torch.where(start >= self.ts_begin, start, -1).max(dim=1).values
         prefixed = bool((ts_max >= 0).any())
+        text_only = self._text_only(initial)
         last = start[:, -1]
         penult = start[:, -2] if l0 > 1 else last
         # at first every beam of a row is the same sequence: only the first one is expanded
@@ -646,7 +662,7 @@ class BatchDecoder:
             offset += tokens_in.shape[1]
             logits = self._step_logits(hidden[:, -1], bufs, approximate)
             self._apply_rules(logits, step, last, penult, ts_max,
-                              hidden[:, -1] if approximate else None, prefixed)
+                              hidden[:, -1] if approximate else None, prefixed, text_only)
             logprobs = logits - bufs.logsumexp(logits)[:, None]
             top_lp, top_tok = logprobs.topk(beams + 1, dim=-1)
             cand_lp, cand_tok = top_lp.cpu().tolist(), top_tok.cpu().tolist()

@@ -35,6 +35,7 @@ from .engine_align import (
     pauses,
     place_words,
     split_at_pauses,
+    split_at_sentences,
 )
 from .errors import Cancelled, JobError
 from .recovery import anomalous, trim_overlap, uncovered_speech
@@ -220,7 +221,7 @@ class Engine:
     def __init__(self, backend: Any, *, batch_size: int | None = None,
                  threads: int | None = None, linger: float = 0.25,
                  max_linger: float = 2.0, degrade_after: float | None = DEGRADE_AFTER,
-                 degrade_dwell: float = DEGRADE_DWELL) -> None:
+                 degrade_dwell: float = DEGRADE_DWELL, timestamp_tokens: bool = True) -> None:
         from .torch_backend import as_backend
 
         self.backend: Backend = as_backend(backend)  # a whisper model runs on the torch backend
@@ -228,6 +229,9 @@ class Engine:
         self.is_multilingual = self.backend.is_multilingual
         # whether a window's prefix (Window.prefix) is forced into its decode
         self.accepts_prefix = bool(getattr(self.backend, "accepts_prefix", False))
+        # False: decode text only (<|notimestamps|>); segments are cut at the speech detector's
+        # pauses and at sentence ends, bounded by the aligned words
+        self.timestamp_tokens = timestamp_tokens
         self.batch_size = batch_size or self.backend.default_batch_size
         self.max_batch_size = self.batch_size
         self.threads = threads
@@ -615,7 +619,8 @@ class Engine:
         text = getattr(window, "prefix", "").strip()
         if not text or not self.accepts_prefix:
             return []
-        return [self._tokenizer.timestamp_begin, *self._tokenizer.encode(" " + text)]
+        start = [self._tokenizer.timestamp_begin] if self.timestamp_tokens else []
+        return [*start, *self._tokenizer.encode(" " + text)]
 
     def _initial_tokens(self, job: _Job, language: str) -> list[int]:
         if self.is_multilingual:
@@ -626,6 +631,8 @@ class Engine:
         initial = list(tok.sot_sequence)
         if job.prompt:
             initial = [tok.sot_prev] + job.prompt + initial
+        if not self.timestamp_tokens:
+            initial.append(tok.no_timestamps)
         return initial
 
     def _decode(self, items: list[_Item]) -> None:
@@ -875,6 +882,8 @@ class Engine:
                 starts = [(w.tokens, w.start) for w in aligned]
                 pieces = split_at_pauses(pieces, starts, base, silences, tok)
             assign_words(pieces, place_words(aligned, base, text_lp, speech))
+            if not self.timestamp_tokens:
+                pieces = split_at_sentences(pieces)
         segs = []
         k = 0
         for p in pieces:

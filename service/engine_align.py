@@ -299,3 +299,27 @@ def split_at_pauses(pieces: list[Piece], words: list[tuple[list[int], float]], b
             if ps <= p.start < pe < p.end:
                 p.start = pe
     return out
+
+
+SENTENCE_END = (".", "?", "!")
+
+
+def split_at_sentences(pieces: list[Piece]) -> list[Piece]:
+    """Cut pieces after every word that ends a sentence. Text decoded without timestamp tokens
+    comes as one piece per stretch of speech between pauses; whisper's timestamp tokens would
+    mostly have cut it at its sentences (subtitle lines, per-segment confidence). A piece whose
+    words do not cover all its tokens (a partial alignment) stays whole."""
+    out: list[Piece] = []
+    for piece in pieces:
+        words = piece.words
+        if sum(len(w.tokens) for w in words) != len(piece.tokens):
+            out.append(piece)
+            continue
+        run: list[WordTiming] = []
+        for i, word in enumerate(words):
+            run.append(word)
+            if i == len(words) - 1 or word.word.rstrip().endswith(SENTENCE_END):
+                out.append(Piece(run[0].start, max(run[-1].end, run[0].start),
+                                 [t for w in run for t in w.tokens], run))
+                run = []
+    return out

@@ -94,4 +94,5 @@ def create_engine(config: Config) -> Any:
     if config.beam_size < 0:
         raise ModelLoadError(f"--beam-size {config.beam_size}: give 0 (the engine's default: "
                              "greedy on torch, 5 on ct2) or a beam width of 1 or more")
-    return Engine(BACKENDS[name](config), batch_size=config.batch_size or None)
+    return Engine(BACKENDS[name](config), batch_size=config.batch_size or None,
+                  timestamp_tokens=config.timestamps == "tokens")

@@ -3,7 +3,7 @@ service end to end, in one run, on the same device, model and audio.
 
     python -m bench.run [--minutes N] [--device auto|cpu|cuda|cuda:N] [--no-rss] [--rss-hours H]
                         [--no-uneven] [--no-faster-whisper] [--engine E] [--compute-type T]
-                        [--beam-size N] [--model M]
+                        [--beam-size N] [--timestamps tokens|words] [--model M]
 
 Audio: the LJSpeech reading from ../shared/testdata tiled to N minutes (default 10 on CPU, 60 on
 GPU; the reading's own 0.4 s sentence pause between repeats), and the reading itself for WER.
@@ -226,7 +226,7 @@ def transcribe_through_service(target: str, path: Path) -> tuple[Any, float]:
 
 
 MODEL = ""  # --model: the baseline loads the same model as the server
-SERVER_ARGS: list[str] = []  # --engine/--compute-type/--beam-size/--model, from the command line
+SERVER_ARGS: list[str] = []  # the server's engine flags, from the command line
 LATER_JOBS = 3  # runs of the first job's audio after it, for the first-job penalty
 
 
@@ -488,7 +488,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="skip the short-job-during-a-long-job measurement")
     parser.add_argument("--no-faster-whisper", dest="faster_whisper", action="store_false",
                         help="skip faster-whisper (the dev extra installs it)")
-    for flag in ("--engine", "--compute-type", "--beam-size", "--model"):
+    for flag in ("--engine", "--compute-type", "--beam-size", "--timestamps", "--model"):
         parser.add_argument(flag, default="", help=f"the server's {flag} (default: its own)")
     parser.add_argument("--out", default=os.environ.get("BENCH_OUT", "bench/out/latest.json"))
     args = parser.parse_args(argv)
@@ -498,7 +498,7 @@ def main(argv: list[str] | None = None) -> int:
 
     global MODEL
     MODEL = args.model
-    for flag in ("engine", "compute_type", "beam_size", "model"):
+    for flag in ("engine", "compute_type", "beam_size", "timestamps", "model"):
         if getattr(args, flag):
             SERVER_ARGS.extend(["--" + flag.replace("_", "-"), getattr(args, flag)])
     device = str(resolve_device(args.device))

@@ -46,13 +46,13 @@ class Config:
     beam_size: int = field(
         default=0,
         metadata={"help": "beam width at temperature 0 (0: the engine's default: 5 on ct2, "
-                  "greedy on torch)"},
+                  "2 on torch; 1: greedy)"},
     )
     timestamps: str = field(
-        default="tokens",
-        metadata={"help": "tokens: whisper's timestamp tokens cut segments; words: decode text "
-                  "only (fewer tokens), segments cut at pauses and sentence ends, timed by the "
-                  "aligned words (torch and ct2 engines)",
+        default="words",
+        metadata={"help": "words: decode text only (no timestamp tokens), segments cut at the "
+                  "speech detector's pauses and at sentence ends, timed by the aligned words; "
+                  "tokens: whisper's timestamp tokens cut segments (torch and ct2 engines)",
                   "choices": ("tokens", "words")},
     )
     batch_size: int = field(

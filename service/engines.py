@@ -18,11 +18,16 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 
+# the torch engine's beam when --beam-size is 0: with text-only decoding (--timestamps words)
+# a beam of 2 fits a CPU batch in one call and costs little over greedy (README, performance)
+TORCH_BEAM = 2
+
+
 def _torch(config: Config) -> Any:
     from .torch_backend import TorchBackend
 
-    # --beam-size 0: greedy (the faster choice measured on CPU; see README)
-    return TorchBackend(load_model(config.model, config.device), beam_size=config.beam_size)
+    return TorchBackend(load_model(config.model, config.device),
+                        beam_size=config.beam_size or TORCH_BEAM)
 
 
 def _ct2(config: Config) -> Any:
@@ -93,6 +98,6 @@ def create_engine(config: Config) -> Any:
         raise ModelLoadError(f"unknown engine {name!r}: use one of auto, {', '.join(BACKENDS)}")
     if config.beam_size < 0:
         raise ModelLoadError(f"--beam-size {config.beam_size}: give 0 (the engine's default: "
-                             "greedy on torch, 5 on ct2) or a beam width of 1 or more")
+                             f"{TORCH_BEAM} on torch, 5 on ct2) or a beam width of 1 or more")
     return Engine(BACKENDS[name](config), batch_size=config.batch_size or None,
                   timestamp_tokens=config.timestamps == "tokens")

@@ -137,7 +137,7 @@ class CT2Backend:
     def decode(self, features: ctranslate2.StorageView, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
                should_stop: Callable[[], bool], seeds: Sequence[int] | None = None,
-               batch_invariant: bool = True) -> list[CT2Row]:
+               batch_invariant: bool = True, greedy: bool = False) -> list[CT2Row]:
         out: list[CT2Row | None] = [None] * len(initial)
         groups = [[i for i, t in enumerate(temperatures) if t == 0]]
         # a sampled row alone, after seeding CTranslate2's generator with its seed: what it
@@ -152,7 +152,7 @@ class CT2Backend:
                 sampling = {"beam_size": 1, "sampling_topk": 0,
                             "sampling_temperature": temperature}
             else:
-                sampling = {"beam_size": self.beam_size}
+                sampling = {"beam_size": 1 if greedy else self.beam_size}
             results = self.model.generate(
                 self._rows(features, rows), [initial[i] for i in rows],
                 max_length=len(initial[rows[0]]) + SAMPLE_LEN, return_scores=True,

@@ -106,11 +106,12 @@ class Backend(Protocol):
 
     # batch_invariant: each row's result must not depend on the other rows of the batch (the
     # same audio, the same text and log-probabilities, whatever shares its batch); False:
-    # fastest for these rows (an engine may ignore it)
+    # fastest for these rows (an engine may ignore it); greedy: no beam search, whatever the
+    # engine's beam (live audio, where a beam costs latency)
     def decode(self, features: Any, initial: list[list[int]], temperatures: Sequence[float], *,
                sot_index: int, should_stop: Callable[[], bool],
                seeds: Sequence[int] | None = None,
-               batch_invariant: bool = True) -> Sequence[DecodedRow]: ...
+               batch_invariant: bool = True, greedy: bool = False) -> Sequence[DecodedRow]: ...
 
     def align(self, features: Any, index: int, row: Any, text_tokens: list[int],
               num_frames: int) -> tuple[list[timing.WordTiming], list[float]]: ...
@@ -691,8 +692,11 @@ class Engine:
         # the same audio gives the same text in any batch and any run
         seeds = [zlib.crc32(np.ascontiguousarray(a).tobytes(), it.temp_index) if t > 0 else 0
                  for a, it, t in zip(audio, items, temps, strict=True)]
+        # a batch of live rows only is decoded for latency: unpadded, and greedy (a beam did not
+        # lower live WER, and it added half a second to final latency on 2 CPU cores)
+        live_only = all(j.priority > 0 for j in jobs)
         rows = bd.decode(features, initial, temps, sot_index=sot_index, should_stop=should_stop,
-                         seeds=seeds, batch_invariant=any(j.priority <= 0 for j in jobs))
+                         seeds=seeds, batch_invariant=not live_only, greedy=live_only)
         t2, paused_decode = time.perf_counter(), paused[0]
         # judge rows (and align words) outside the lock; apply the outcomes under it
         outcomes: list[_Outcome | None] = []

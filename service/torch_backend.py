@@ -96,8 +96,8 @@ class TorchBackend:
     def decode(self, features: torch.Tensor, initial: list[list[int]],
                temperatures: Sequence[float], *, sot_index: int,
                should_stop: Callable[[], bool], seeds: Sequence[int] | None = None,
-               batch_invariant: bool = True) -> list[RowResult]:
-        beam = self.active_beam
+               batch_invariant: bool = True, greedy: bool = False) -> list[RowResult]:
+        beam = 1 if greedy else self.active_beam
         rows_at_zero = [i for i, t in enumerate(temperatures) if t == 0]
         if beam <= 1 or not rows_at_zero:
             return self.decoder.decode(features, torch.tensor(initial), temperatures,

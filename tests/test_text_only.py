@@ -107,3 +107,35 @@ def test_text_only_engine_transcribes_the_reading_in_timed_sentences(model, lj) 
         # a sentence's end ends its segment (the pauses cut segments too)
         inner = [w.word for w in s.words[:-1] if w.word.rstrip().endswith((".", "?", "!"))]
         assert not inner, s.text
+
+
+def test_live_rows_decode_greedy_and_batch_rows_by_beam(model, lj) -> None:
+    """A batch of live rows only (priority > 0) is decoded greedily whatever the engine's beam:
+    on a CPU a beam added half a second to final latency and no accuracy to live finals."""
+    from longscribe.service.decoding import BatchDecoder
+
+    engine = Engine(TorchBackend(model, beam_size=TORCH_BEAM), timestamp_tokens=False)
+    beams: list[int] = []
+    decode_beam = BatchDecoder.decode_beam
+
+    def recording(self: BatchDecoder, *args: object, **kwargs: object) -> object:
+        beams.append(1)
+        return decode_beam(self, *args, **kwargs)
+
+    engine.start()
+    texts = {}
+    try:
+        BatchDecoder.decode_beam = recording  # type: ignore[method-assign]
+        for priority in (1, 0):
+            windows = Segmenter("silero").windows(chunks(lj[:12 * SR]))
+            results = list(engine.transcribe(windows, DecodeOptions(), threading.Event(),
+                                             priority=priority))
+            texts[priority] = transcript_text(results)
+            beams.append(0)  # marks the end of this priority's decodes
+    finally:
+        BatchDecoder.decode_beam = decode_beam  # type: ignore[method-assign]
+        engine.stop()
+    live_calls, batch_calls = beams[:beams.index(0)], beams[beams.index(0) + 1:-1]
+    assert not live_calls and batch_calls
+    for text in texts.values():
+        assert wer(" ".join(lj_text().split()[:30]), text) < 0.5, text

@@ -74,8 +74,7 @@ BACKENDS: dict[str, Callable[[Config], Any]] = {"torch": _torch, "ct2": _ct2}
 
 def engine_name(config: Config) -> str:
     """`auto`: torch, on a GPU (the design's engine) and on CPU too, where it measured faster
-    end to end than ct2 (`make bench --engine ...`, see README); ct2 with beam search is the
-    more accurate choice on CPU."""
+    end to end than ct2 (`make bench --engine ...`, see README)."""
     return "torch" if config.engine == "auto" else config.engine
 
 
